@@ -1,0 +1,5 @@
+import sys
+
+from tsrec.cli import main
+
+sys.exit(main())

