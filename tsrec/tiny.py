@@ -68,3 +68,29 @@ def save_tiny_backbone(out_dir: str | Path, texts: Iterable[str] = (), seed: int
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+def add_sid_tokens(tokenizer, model, sid_tokens: Iterable[str]) -> list[int]:
+    """Add SID tokens as ordinary added tokens (string-sorted, METHOD.md 1.3) and resize the embeddings.
+
+    Returns the new token ids in the order added. Used by tiny test models; ``tsrec.model`` does the
+    same for real backbones (plus SA-Init).
+    """
+    toks = sorted(set(sid_tokens))
+    tokenizer.add_tokens(toks)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return tokenizer.convert_tokens_to_ids(toks)
+
+
+def save_tiny_sid_model(out_dir: str | Path, sid_tokens: Iterable[str], texts: Iterable[str] = (), seed: int = 0,
+                        hidden_size: int = 64, layers: int = 2) -> Path:
+    """A tiny tokenizer + Qwen2 folder that already has ``sid_tokens`` in its vocabulary."""
+    out_dir = Path(out_dir)
+    tok = build_tiny_tokenizer(texts)
+    model = build_tiny_model(len(tok), hidden_size=hidden_size, layers=layers, seed=seed)
+    add_sid_tokens(tok, model, sid_tokens)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
