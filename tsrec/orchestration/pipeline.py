@@ -1,0 +1,160 @@
+"""``tsrec run``: the pipeline's stages in order, on an in-process local Ray or a remote cluster.
+
+Stages (``pipeline.stages`` in the config) write under ``run.out_dir``:
+
+    data/       items.parquet, train/valid/test.parquet            (tsrec data prepare)
+    sids/       index.json, sids.parquet, stats.json               (tsrec sid build; embeddings on Ray Data)
+    semantics/  description_keywords.json, semantics.parquet       (tsrec semantics extract)
+    model/      Hugging Face folder with SID tokens, SA-Init       (tsrec model init)
+    sft/        model/ (HF folder), metrics.csv, loss.png          (tsrec sft, Ray Train + DeepSpeed)
+    eval/       metrics.json, rankings.parquet                     (tsrec eval, sharded over actors)
+
+A stage is skipped when its folder is complete (``manifest.json`` exists) and was produced with the
+same resolved config; otherwise it reruns. ``--force`` reruns everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tsrec.artifacts import atomic_write_json, is_complete, read_manifest
+from tsrec.config import Config, save_config
+
+STAGE_DIRS = {"data": "data", "sid": "sids", "semantics": "semantics", "model": "model", "sft": "sft", "eval": "eval"}
+
+
+def _data(cfg: Config, root: Path) -> dict:
+    from tsrec.data.prepare import prepare_data
+
+    return prepare_data(cfg, root / "data")
+
+
+def _sid(cfg: Config, root: Path) -> dict:
+    from tsrec.data.schema import read_items
+    from tsrec.orchestration.embed import embed_items_ray
+    from tsrec.sid.build import build_sids
+
+    embeddings = embed_items_ray(cfg, read_items(root / "data"))  # Ray Data actor pool
+    return build_sids(cfg, root / "data", root / "sids", embeddings=embeddings)
+
+
+def _semantics(cfg: Config, root: Path) -> dict:
+    from tsrec.orchestration.semantics import extract_semantics
+
+    return extract_semantics(cfg, root / "sids", root / "data", root / "semantics")
+
+
+def _model(cfg: Config, root: Path) -> dict:
+    from tsrec.model import init_model
+
+    teacher = root / "semantics" / "description_keywords.json"
+    return init_model(cfg, root / "sids", teacher if teacher.exists() else None, root / "model")
+
+
+def _sft(cfg: Config, root: Path) -> dict:
+    from tsrec.orchestration.train import run_sft
+
+    return run_sft(
+        cfg,
+        model_dir=root / "model",
+        data_dir=root / "data",
+        sids_dir=root / "sids",
+        semantics_file=root / "semantics" / "description_keywords.json",
+        out_dir=root / "sft",
+    )
+
+
+def _eval(cfg: Config, root: Path) -> dict:
+    from tsrec.orchestration.evaluate import run_eval
+
+    model = root / "sft" / "model" if "sft" in cfg.pipeline.stages else root / "model"
+    return run_eval(cfg, model, root / "data", root / "sids", root / "eval")
+
+
+STAGES: dict[str, Callable[[Config, Path], dict]] = {
+    "data": _data,
+    "sid": _sid,
+    "semantics": _semantics,
+    "model": _model,
+    "sft": _sft,
+    "eval": _eval,
+}
+
+
+def validate_stages(cfg: Config) -> None:
+    from tsrec.config import ConfigError
+
+    unknown = [s for s in cfg.pipeline.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"pipeline.stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
+    order = [s for s in STAGES if s in cfg.pipeline.stages]
+    if order != list(cfg.pipeline.stages):
+        raise ConfigError(f"pipeline.stages: must follow the pipeline order {list(STAGES)}")
+
+
+MARKER = "pipeline_stage.json"
+
+
+# Config sections each stage's output depends on (its own and its upstream stages'), so changing
+# eval.beams reruns only eval, while changing data.* reruns everything.
+STAGE_SECTIONS = {
+    "data": ["data"],
+    "sid": ["embed", "sid"],
+    "semantics": ["teacher"],
+    "model": ["model", "sa_init"],
+    "sft": ["sft", "prompts"],
+    "eval": ["eval", "prompts"],
+}
+
+
+def _config_hash(cfg: Config, stage: str) -> str:
+    full = cfg.to_dict()
+    upstream = list(STAGES)[: list(STAGES).index(stage) + 1]
+    relevant = {"seed": full["run"]["seed"], **{sec: full[sec] for s in upstream for sec in STAGE_SECTIONS[s]}}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _up_to_date(cfg: Config, stage: str, stage_dir: Path) -> bool:
+    """Complete (manifest written) and produced by `tsrec run` with the same resolved config."""
+    marker = stage_dir / MARKER
+    if not is_complete(stage_dir) or not marker.exists():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("config_sha256") == _config_hash(cfg, stage)
+    except (ValueError, OSError):
+        return False
+
+
+def run_pipeline(cfg: Config, force: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run ``cfg.pipeline.stages`` in order; returns ``{stage: stats}`` and writes ``pipeline.json``."""
+    import ray
+
+    validate_stages(cfg)
+    root = Path(cfg.run.out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, root / "config.yaml")
+    if not ray.is_initialized():
+        # Under `ray job submit` RAY_ADDRESS is set and ray.init() joins that cluster; locally it
+        # starts an in-process head. Never pass num_cpus when joining (STACK.md 3.4).
+        ray.init(address=cfg.resources.ray_address or None, configure_logging=False)
+    results: dict[str, dict] = {}
+    timings: dict[str, float] = {}
+    for name in cfg.pipeline.stages:
+        stage_dir = root / STAGE_DIRS[name]
+        if not force and _up_to_date(cfg, name, stage_dir):
+            log(f"[tsrec run] {name}: up to date in {stage_dir}, skipped")
+            results[name] = {"skipped": True, **read_manifest(stage_dir).get("stats", {})}
+            continue
+        log(f"[tsrec run] {name}: running -> {stage_dir}")
+        t0 = time.perf_counter()
+        results[name] = STAGES[name](cfg, root) or {}
+        timings[name] = round(time.perf_counter() - t0, 2)
+        atomic_write_json(stage_dir / MARKER, {"stage": name, "config_sha256": _config_hash(cfg, name), "seconds": timings[name]})
+        log(f"[tsrec run] {name}: done in {timings[name]} s")
+    summary = {"out_dir": str(root), "stages": results, "timing_s": timings}
+    atomic_write_json(root / "pipeline.json", json.loads(json.dumps(summary, default=str)))
+    return summary
