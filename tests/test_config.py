@@ -71,3 +71,8 @@ def test_every_shipped_config_validates(path):
 def test_cli_reports_config_errors(capsys):
     assert main(["data", "prepare", "--out", "x", "sid.levels=abc"]) == 2
     assert "sid.levels: expected an integer" in capsys.readouterr().err
+
+
+def test_unquoted_dates_are_strings(tmp_path):
+    cfg = load_config(None, ["data.window_start=2015-10-01"])
+    assert cfg.data.window_start == "2015-10-01"

@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import types
 import typing
 from dataclasses import dataclass, field
@@ -61,7 +62,8 @@ class DataConfig:
     # Category name (file stem); empty = infer from the single matching file in `input`.
     category: str = ""
     k_core: int = 5
-    # Time window [window_start, window_end) as ISO dates (METHOD.md 1.1 step 4).
+    # Time window [window_start, window_end] as ISO dates, UTC midnight, both ends inclusive like the
+    # upstream script (METHOD.md 1.1 step 4).
     window_start: str = "2016-10-01"
     window_end: str = "2018-11-01"
     # Move the start back one year at a time until this many items survive (0 disables).
@@ -69,6 +71,9 @@ class DataConfig:
     max_history: int = 10
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     max_title_words: int = 20
+    # minionerec: a missing split CSV (Office has no train/) is written as an empty split instead of
+    # raising InputError; the stats list it under `missing_splits`.
+    allow_missing_splits: bool = False
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -116,10 +121,14 @@ class TeacherConfig:
     concurrency: int = 2
     max_attempts: int = 2
     temperature: float = 0.0
+    # Explicit decoding setting of the teacher (1.0 = off); small models loop less with ~1.2.
+    repetition_penalty: float = 1.0
     tensor_parallel_size: int = 1
     max_model_len: int = 4096
     # Limit the number of tokens extracted (0 = all); for smoke runs.
     limit: int = 0
+    # Resume: a rerun requests failed tokens again (true) or keeps their reported failure (false).
+    retry_failed: bool = True
 
 
 @dataclass
@@ -138,6 +147,9 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Build a tiny random Qwen2 from a config instead of loading weights (tests, CPU demo).
     tiny: bool = False
+    # Rows created by the embedding resize: transformers' mean resizing (as the public code, METHOD.md
+    # 1.3) or the model's own random init.
+    mean_resizing: bool = True
 
 
 @dataclass
@@ -199,6 +211,13 @@ class SftConfig:
     # Ray Train: local path or cloud URI for checkpoints; empty = <run.out_dir>/ray.
     storage_path: str = ""
     max_failures: int = 2
+    # Log a metrics row every N optimiser steps (eval/save steps are always logged).
+    log_every_steps: int = 1
+    # Testing hook only (fault-tolerance test): the last rank SIGKILLs itself after optimiser step
+    # `fail_at_step` (-1 = never) if the file `fail_marker` does not exist yet (it is created first, so
+    # only the first attempt dies). Leave at the defaults in real configs.
+    fail_at_step: int = -1
+    fail_marker: str = ""
 
 
 @dataclass
@@ -210,6 +229,8 @@ class EvalConfig:
     # 0 = all rows.
     max_rows: int = 0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # "auto": cuda when the process sees a GPU, else cpu; or an explicit torch device string.
+    device: str = "auto"
 
 
 @dataclass
@@ -370,6 +391,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is str:
         if value is None:
             return ""
+        if isinstance(value, (datetime.date, datetime.datetime)):
+            return value.isoformat()  # YAML reads unquoted 2016-10-01 as a date
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
         return str(value)

@@ -4,8 +4,9 @@ Stage 1.2 of the pipeline, the input of SID construction (``tsrec sid build``, :
 
 - :func:`item_texts` builds the METHOD.md 1.2 text of every item: ``clean(title) + " " + clean(description)``,
   where cleaning strips HTML tags and removes ``"``, ``\\n`` and ``\\r``; an empty text becomes
-  ``"unknown item"``. ``description`` is used as the data stage stored it (for MiniOneRec sources the
-  stringified Python list of ``item.json``).
+  ``"unknown item"``. The description is the stringified Python list of ``item.json`` as in the public
+  script: the ``description_raw`` column where the data stage kept one (MiniOneRec sources), else
+  ``description``.
 - :class:`TextEncoder` is a plain batch callable (``dict[str, np.ndarray] -> dict[str, np.ndarray]``), so
   the same class runs in-process (``encoder.encode(texts)``) and as a Ray Data actor-pool stage
   (:mod:`tsrec.orchestration.embed`). It loads any local Hugging Face encoder (``AutoModel`` +
@@ -46,7 +47,8 @@ def item_texts(items: pa.Table, mode: str = "title+description") -> list[str]:
     """The embedding text of every item, in table row order (METHOD.md 1.2).
 
     Args:
-        items: an ``items.parquet`` table (``title``, ``description`` columns).
+        items: an ``items.parquet`` table (``title`` and ``description``; ``description_raw`` is
+            preferred when present).
         mode: ``"title+description"`` (``clean(title) + " " + clean(description)``) or ``"title"``.
 
     Returns:
@@ -56,7 +58,10 @@ def item_texts(items: pa.Table, mode: str = "title+description") -> list[str]:
     if mode == "title":
         texts = [clean_text(t) for t in titles]
     elif mode == "title+description":
-        descriptions = items.column("description").to_pylist()
+        # The public script embeds the stringified list of item.json; MiniOneRec sources keep it in
+        # description_raw (description holds the parsed, space-joined text).
+        column = "description_raw" if "description_raw" in items.column_names else "description"
+        descriptions = items.column(column).to_pylist()
         texts = [clean_text(t) + " " + clean_text(d) for t, d in zip(titles, descriptions)]
     else:
         raise ValueError(f"embed.text mode {mode!r} is not 'title+description' or 'title'")

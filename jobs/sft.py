@@ -1,0 +1,18 @@
+"""Supervised fine-tuning (tsrec sft) as a Ray job: Ray Train TorchTrainer + DeepSpeed.
+
+    ray job submit --working-dir . -- python jobs/sft.py --config configs/industrial_qwen2.5-1.5b.yaml [flags] [key=value ...]
+
+Takes the same flags as `tsrec sft` (--model, --data, --sids, --semantics, --out). Paths are resolved on the
+cluster: use absolute paths or shared storage (and a cloud `sft.storage_path` on multi-node clusters), because
+the job's working directory is a temporary copy of this folder. The driver calls `ray.init()` without
+resources, so it joins the job's cluster.
+"""
+
+import sys
+
+import _entry  # noqa: F401  (puts the uploaded tsrec on sys.path)
+
+from tsrec.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["sft", *sys.argv[1:]]))

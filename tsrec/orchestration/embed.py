@@ -1,0 +1,63 @@
+"""Item text embedding on a Ray Data actor pool (METHOD.md 1.2).
+
+The core batch callable :class:`tsrec.embed.TextEncoder` runs as a ``map_batches`` stage with one model
+load per actor; this module only decides *where* it runs (``resources.embed``: actors, CPUs and GPUs per
+actor) and puts the rows back in ``item_id`` order. Used by ``tsrec run`` (stage ``sid``) and
+``tsrec sid build --ray``; the result goes to :func:`tsrec.sid.build.build_sids` as ``embeddings``.
+
+Batches are composed differently than in-process, so results match :meth:`TextEncoder.encode` up to
+float rounding (masked pooling makes each row independent of its batch), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from tsrec.config import Config
+from tsrec.embed import TextEncoder, encoder_kwargs, item_texts
+
+
+def embed_items_ray(cfg: Config, items: pa.Table) -> np.ndarray:
+    """Embed every item on a Ray Data actor pool of ``resources.embed.workers`` :class:`TextEncoder` actors.
+
+    Connects to ``resources.ray_address`` (empty = start or join a local Ray) unless Ray is already
+    initialised in this process.
+
+    Args:
+        cfg: resolved config; reads ``embed`` and ``resources``.
+        items: an ``items.parquet`` table.
+
+    Returns:
+        (N, D) float32 embeddings, row i = the item with the i-th smallest ``item_id``.
+    """
+    if not ray.is_initialized():
+        ray.init(address=cfg.resources.ray_address or None)
+    res = cfg.resources.embed
+    item_ids = np.asarray(items.column("item_id").to_numpy(), dtype=np.int64)
+    texts = item_texts(items, cfg.embed.text)
+    kwargs = encoder_kwargs(cfg.embed)
+    # One torch thread pool per actor sized to its CPU share, so N actors don't oversubscribe a node.
+    kwargs["num_threads"] = max(1, int(res.cpus_per_worker))
+
+    ds = ray.data.from_arrow(pa.table({"item_id": pa.array(item_ids, pa.int64()), "text": pa.array(texts, pa.string())}))
+    ds = ds.map_batches(
+        TextEncoder,
+        fn_constructor_kwargs=kwargs,
+        batch_size=cfg.embed.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=max(1, res.workers)),
+        num_cpus=res.cpus_per_worker,
+        num_gpus=res.gpus_per_worker,
+        batch_format="numpy",
+    )
+    ids_parts, emb_parts = [], []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        ids_parts.append(np.asarray(batch["item_id"], dtype=np.int64))
+        emb_parts.append(np.asarray(batch["embedding"], dtype=np.float32))
+    out_ids = np.concatenate(ids_parts)
+    emb = np.concatenate(emb_parts)  # (N, D), in completion order
+    order = np.argsort(out_ids, kind="stable")
+    if not np.array_equal(out_ids[order], np.sort(item_ids)):
+        raise RuntimeError("Ray Data embedding lost or duplicated rows")
+    return emb[order]

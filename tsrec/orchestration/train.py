@@ -1,0 +1,166 @@
+"""SFT on Ray Train: a ``TorchTrainer`` around ``tsrec.sft.loop.train_sft`` (METHOD.md 1.6, R5).
+
+    tsrec sft --config configs/sft_demo.yaml
+    ray job submit --working-dir . -- python jobs/sft.py --config configs/industrial_qwen2.5-1.5b.yaml
+
+Workers, CPUs and GPUs per worker come from ``resources.sft``; checkpoints go to ``sft.storage_path``
+(a local absolute path or a cloud URI such as ``s3://bucket/runs``; empty = ``<out>/ray``) under the
+run name ``<run.name>-sft``. ``FailureConfig(max_failures=sft.max_failures)``: a worker that dies
+takes the group down, Ray Train restarts it and every worker resumes from the last reported checkpoint
+(model, optimizer, scheduler, data position, RNG), so the loss curve continues where it stopped.
+Rerunning the same command with the same name and storage resumes too (Ray 2.60 has no
+``resume_from_checkpoint``; STACK.md 3.3).
+
+Outputs in ``--out``: ``model/`` (the best-on-valid Hugging Face folder, else the final one, with the
+tokenizer), ``metrics.csv``, ``loss.png``, ``tensorboard/``, ``summary.json``, ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tsrec.artifacts import InputError, staging_dir, write_manifest
+from tsrec.config import Config, config_from_manifest_dict
+
+
+class RayTrainContext:
+    """``RunContext`` inside a ``TorchTrainer`` worker: forwards to ``ray.train``."""
+
+    def __init__(self, artifacts_uri: str):
+        import ray.train
+
+        tc = ray.train.get_context()
+        self.rank, self.world_size = tc.get_world_rank(), tc.get_world_size()
+        self.local_rank = tc.get_local_rank()
+        self.artifacts_uri = artifacts_uri
+        self._resume = None
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            # Kept open for the life of the worker: local storage is used in place, cloud is downloaded.
+            self._cm = ckpt.as_directory()
+            self._resume = Path(self._cm.__enter__())
+
+    @property
+    def resume_dir(self) -> Path | None:
+        return self._resume
+
+    def report(self, step: int, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+        import ray.train
+
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        ray.train.report({**clean, "step": step}, checkpoint=ckpt)
+
+    def save_artifact(self, local_dir: Path, name: str) -> None:
+        copy_tree(str(local_dir), f"{self.artifacts_uri.rstrip('/')}/{name}")
+
+
+def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semantics_file: Path | None,
+            out_dir: Path) -> dict[str, Any]:
+    """Run SFT on Ray Train and collect its outputs in ``out_dir`` (the function ``tsrec sft`` calls)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # --- 1. validate inputs before starting anything ---
+    model_dir, data_dir, sids_dir, out_dir = (Path(p).resolve() for p in (model_dir, data_dir, sids_dir, out_dir))
+    for path, what in ((model_dir / "config.json", "model folder (tsrec model init)"),
+                       (data_dir / "train.parquet", "data folder (tsrec data prepare)")):
+        if not path.exists():
+            raise InputError(path, f"missing: expected a {what}")
+    if not sids_dir.exists():
+        raise InputError(sids_dir, "missing: expected a SID folder (tsrec sid build)")
+    if cfg.sft.use_ts_align:
+        if semantics_file is None or not Path(semantics_file).exists():
+            raise InputError(semantics_file or "<none>", "teacher file for TS-Align missing; run `tsrec semantics "
+                             "extract` or set sft.use_ts_align=false")
+        semantics_file = Path(semantics_file).resolve()
+    else:
+        semantics_file = None
+
+    # --- 2. trainer ---
+    res = cfg.resources.sft
+    name = f"{cfg.run.name}-sft"
+    storage = cfg.sft.storage_path or str(out_dir / "ray")
+    artifacts = f"{storage.rstrip('/')}/{name}/artifacts"
+    if not ray.is_initialized():
+        ray.init(address=cfg.resources.ray_address or os.environ.get("RAY_ADDRESS") or None)
+    worker_resources = {"CPU": res.cpus_per_worker}
+    if res.gpus_per_worker > 0:
+        worker_resources["GPU"] = res.gpus_per_worker
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "model": str(model_dir), "data": str(data_dir), "sids": str(sids_dir),
+                           "semantics": str(semantics_file) if semantics_file else None, "artifacts": artifacts},
+        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
+                                     resources_per_worker=worker_resources),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.sft.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if getattr(result, "error", None) is not None:
+        raise result.error
+
+    # --- 3. collect outputs (best model, else final) ---
+    with staging_dir(out_dir) as stage:
+        fetched = stage / ".artifacts"
+        copy_tree(artifacts, str(fetched))
+        chosen = "best" if (fetched / "best" / "config.json").exists() else "final"
+        shutil.move(str(fetched / chosen), stage / "model")
+        for item in (fetched / "logs").iterdir():
+            shutil.move(str(item), stage / item.name)
+        shutil.rmtree(fetched)
+        summary = summarize(stage / "metrics.csv")
+        summary.update(model=chosen, storage=storage, name=name, checkpoint=str(result.checkpoint.path) if result.checkpoint else None)
+        (stage / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_manifest(stage, "sft", cfg, inputs={"model": model_dir, "data": data_dir, "sids": sids_dir,
+                                                  **({"semantics": semantics_file} if semantics_file else {})},
+                       outputs=["metrics.csv", "summary.json"], stats=summary, seed=cfg.run.seed)
+    return {"out": str(out_dir), **summary}
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """Body of each Ray Train worker: the core loop with a Ray-backed context."""
+    from tsrec.sft.loop import train_sft
+
+    cfg = config_from_manifest_dict(config["cfg"])
+    ctx = RayTrainContext(config["artifacts"])
+    sem = Path(config["semantics"]) if config["semantics"] else None
+    train_sft(cfg, Path(config["model"]), Path(config["data"]), Path(config["sids"]), sem, ctx)
+
+
+def summarize(metrics_csv: Path) -> dict[str, Any]:
+    """Steps, first/last/best validation loss and last train loss from ``metrics.csv``."""
+    from tsrec.sft.checkpoint import read_metrics_csv
+
+    rows = read_metrics_csv(metrics_csv)
+    evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
+    return {"steps": int(rows[-1]["step"]) + 1 if rows else 0,
+            "final_train_loss": rows[-1].get("train/loss") if rows else None,
+            "first_val_loss": evals[0] if evals else None, "final_val_loss": evals[-1] if evals else None,
+            "best_val_loss": min(evals) if evals else None}
+
+
+def copy_tree(src: str, dest: str) -> None:
+    """Replace folder ``dest`` by a copy of ``src``; either may be a local path or a cloud URI (pyarrow.fs)."""
+    import pyarrow.fs as pafs
+
+    src_fs, src_path = _fs(src)
+    dest_fs, dest_path = _fs(dest)
+    if dest_fs.get_file_info(dest_path).type != pafs.FileType.NotFound:
+        dest_fs.delete_dir(dest_path)
+    dest_fs.create_dir(dest_path, recursive=True)
+    pafs.copy_files(src_path, dest_path, source_filesystem=src_fs, destination_filesystem=dest_fs)
+
+
+def _fs(uri: str):
+    import pyarrow.fs as pafs
+
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())

@@ -1,0 +1,466 @@
+"""Teacher semantic extraction, the core (METHOD.md 1.4): prompts, answer parsing, engines. No Ray.
+
+One request per SID token: the titles (and truncated descriptions) of its cluster's items, sampled
+deterministically for large clusters (``clusters.py``). The teacher answers a JSON object
+``{"description": ..., "keywords": [...]}``: one paragraph of about 80 words and about 20 keyphrases.
+
+Every answer is parsed and validated (:func:`parse_answer`). A rejected answer is retried with a
+stricter prompt that names the reason and prefills the assistant turn with ``{"description": "``;
+what still fails after ``teacher.max_attempts`` is returned as a ``failed`` row with its reason and
+raw text, never dropped and never patched up.
+
+Errors vs warnings. *Errors* (the answer is unusable): no complete JSON object (truncated or missing),
+not an object, a missing key, an empty description, keywords not a list of strings or empty after
+cleaning, a SID token string in the text. *Warnings* (kept, recorded per record): description words or
+keyword count outside the METHOD.md 1.4 contract (55-120 words, 15-26 keywords; a 135M model rarely
+meets it), over-long keyphrases, duplicate keywords (dropped), text around the JSON object.
+
+Engines (``teacher.engine``), one interface: a constructor taking keyword arguments from
+``<Engine>.constructor_kwargs(cfg, seed)``.
+- ``hf``: :class:`HFTeacher`, a Ray Data batch callable (transformers ``generate``, greedy).
+- ``vllm``: :class:`VllmTeacher`, request building for ``ray.data.llm`` (the processor is built in
+  ``tsrec/orchestration/semantics.py``).
+- ``file``: :class:`FileTeacher`, imports an existing teacher file in the authors' format.
+
+Run it with ``tsrec semantics extract --sids DIR --data DIR --out DIR --engine hf``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tsrec.config import TeacherConfig
+from tsrec.semantics.clusters import TokenCluster
+from tsrec.semantics.records import read_teacher_file, record_warnings
+from tsrec.sid.index import TOKEN_RE
+
+PROMPT_VERSION = "tsrec-teacher-v1"
+PREFILL = '{"description": "'
+Messages = list[dict[str, str]]
+
+SYSTEM = "You are a product catalogue analyst. You describe what a group of products has in common."
+STRICT_SYSTEM = SYSTEM + " You reply with one JSON object and nothing else."
+TASK = (
+    "Describe the shared scope and characteristics of this product family.\n"
+    "Answer with a JSON object with exactly two keys:\n"
+    '"description": one paragraph of about 80 words on the shared scope and characteristics of the family;\n'
+    '"keywords": a list of about 20 short keyphrases (one to four words each).\n'
+    "Do not mention identifiers or item numbers."
+)
+STRICT_TASK = (
+    "Reply with ONLY one JSON object: no text before or after it, no code fences. Its shape is exactly\n"
+    '{"description": "<one paragraph of about 80 words>", "keywords": ["<keyphrase>", "<keyphrase>", ...]}\n'
+    "with about 20 short keyphrases. Do not mention identifiers or item numbers.\n"
+    "Your previous answer was rejected: {reason}."
+)
+
+OUTPUT_COLUMNS = (
+    "token", "level", "status", "description", "keywords", "warnings", "error", "raw", "attempts",
+    "attempt_errors", "prompt_hash", "request_hash", "engine", "model", "n_items", "sample_item_ids",
+)
+
+
+class AnswerError(ValueError):
+    """A teacher answer that cannot be used; the message is the reason recorded with the failure."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests and prompts
+# --------------------------------------------------------------------------------------------------
+
+
+def clean_text(text: str, max_chars: int) -> str:
+    """Collapse whitespace and cut at a word boundary to at most ``max_chars`` (0 = no limit)."""
+    text = " ".join(str(text or "").split())
+    if max_chars and len(text) > max_chars:
+        text = text[:max_chars].rsplit(" ", 1)[0].rstrip(" ,;:.") + " ..."
+    return text
+
+
+def request_rows(clusters: Sequence[TokenCluster], titles: dict[int, str], descriptions: dict[int, str],
+                 cfg: TeacherConfig, engine: str, model: str) -> list[dict[str, Any]]:
+    """One request row per cluster: the prompt context plus the hash that identifies the request.
+
+    ``request_hash`` covers engine, model, prompt version, decoding settings and the first prompt;
+    a resumed run reuses a finished record only if its request hash is unchanged.
+    """
+    rows = []
+    for c in clusters:
+        context = {
+            "n_items": len(c.item_ids),
+            "items": [[clean_text(titles[i], 0), clean_text(descriptions.get(i, ""), cfg.max_description_chars)]
+                      for i in c.sample_item_ids],
+        }
+        key = [engine, model, PROMPT_VERSION, cfg.max_new_tokens, cfg.temperature, cfg.repetition_penalty, cfg.max_attempts,
+               build_messages(context, 1)]
+        rows.append({
+            "token": c.token,
+            "level": c.level,
+            "n_items": len(c.item_ids),
+            "sample_item_ids": json.dumps(c.sample_item_ids),
+            "context": json.dumps(context, ensure_ascii=False),
+            "request_hash": _sha(key),
+        })
+    return rows
+
+
+def build_messages(context: dict[str, Any], attempt: int, last_error: str = "") -> Messages:
+    """Chat messages for one token. Attempt 1 is the normal prompt; later attempts are stricter.
+
+    The strict prompt names the previous rejection and ends with an assistant turn holding
+    :data:`PREFILL`, which the chat template continues (``continue_final_message``).
+    """
+    items = context["items"]
+    shown = len(items)
+    head = f"These {shown} products share one category code in a product catalogue"
+    if shown < context["n_items"]:
+        head += f" (a sample of {shown} of its {context['n_items']} products)"
+    lines = [head + ":"]
+    for n, (title, desc) in enumerate(items, start=1):
+        lines.append(f"{n}. {title}" + (f" -- {desc}" if desc else ""))
+    listing = "\n".join(lines)
+    if attempt <= 1:
+        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": listing + "\n\n" + TASK}]
+    strict = STRICT_TASK.replace("{reason}", last_error or "it was not valid JSON")
+    return [
+        {"role": "system", "content": STRICT_SYSTEM},
+        {"role": "user", "content": listing + "\n\n" + strict},
+        {"role": "assistant", "content": PREFILL},
+    ]
+
+
+def prompt_hash(messages: Messages) -> str:
+    return _sha(messages)
+
+
+def answer_text(messages: Messages, completion: str) -> str:
+    """The full answer: the assistant prefill (if any) followed by the generated completion."""
+    prefix = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
+    return prefix + completion
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing and validation
+# --------------------------------------------------------------------------------------------------
+
+
+def extract_json_object(text: str) -> tuple[dict[str, Any], bool]:
+    """The first JSON object in ``text`` (prose and code fences around it are allowed).
+
+    Returns ``(object, has_surrounding_text)``. Prefers an object with a ``description`` or
+    ``keywords`` key when several parse.
+
+    Raises:
+        AnswerError: no ``{`` at all, or no position where a complete JSON object parses (truncated).
+    """
+    decoder = json.JSONDecoder()
+    found: list[tuple[dict[str, Any], int, int]] = []
+    for m in re.finditer(r"\{", text):
+        try:
+            obj, end = decoder.raw_decode(text, m.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            found.append((obj, m.start(), end))
+            if "description" in obj or "keywords" in obj:
+                break
+    if not found:
+        if "{" not in text:
+            raise AnswerError("no JSON object in the answer")
+        raise AnswerError("truncated or malformed JSON object")
+    obj, start, end = next((f for f in found if "description" in f[0] or "keywords" in f[0]), found[0])
+    outside = (text[:start] + text[end:]).replace("```json", "").replace("```", "").strip()
+    return obj, bool(outside)
+
+
+def parse_answer(text: str) -> tuple[str, list[str], list[str]]:
+    """Validate one teacher answer.
+
+    Returns:
+        ``(description, keywords, warnings)``: whitespace-collapsed description, cleaned keywords
+        (stripped, empty and case-insensitive duplicates dropped), contract warnings.
+
+    Raises:
+        AnswerError: the answer is unusable (see the module docstring); the message is the reason.
+    """
+    obj, surrounded = extract_json_object(text)
+    # Key case is not content: accept "Keywords" / " description " as the keys they spell.
+    obj = {str(k).strip().lower(): v for k, v in obj.items()}
+    missing = [k for k in ("description", "keywords") if k not in obj]
+    if missing:
+        raise AnswerError(f"missing key(s) {', '.join(missing)}")
+    desc = obj["description"]
+    if not isinstance(desc, str) or not desc.strip():
+        raise AnswerError("description is empty or not a string")
+    desc = " ".join(desc.split())
+    kws_in = obj["keywords"]
+    if not isinstance(kws_in, list) or not all(isinstance(k, str) for k in kws_in):
+        raise AnswerError("keywords is not a list of strings")
+    keywords: list[str] = []
+    seen: set[str] = set()
+    for k in kws_in:
+        k = " ".join(k.split())
+        if k and k.lower() not in seen:
+            seen.add(k.lower())
+            keywords.append(k)
+    if not keywords:
+        raise AnswerError("empty keyword list")
+    if TOKEN_RE.search(desc) or any(TOKEN_RE.search(k) for k in keywords):
+        raise AnswerError("SID token string in the answer")
+    warnings = record_warnings(desc, keywords)
+    if len(keywords) < len(kws_in):
+        warnings.append(f"{len(kws_in) - len(keywords)} empty or duplicate keywords dropped")
+    if surrounded:
+        warnings.append("text around the JSON object")
+    return desc, keywords, warnings
+
+
+def run_attempts(contexts: Sequence[dict[str, Any]], generate: Callable[[list[Messages]], list[str]],
+                 max_attempts: int) -> list[dict[str, Any]]:
+    """Generate, parse and retry the failures with the strict prompt, up to ``max_attempts`` calls.
+
+    Args:
+        contexts: request contexts (``request_rows(...)["context"]``, decoded).
+        generate: maps a list of chat conversations to their completions (one engine call).
+        max_attempts: total attempts per request (>= 1).
+
+    Returns:
+        One dict per context: ``status`` ok/failed, ``description``, ``keywords``, ``warnings``,
+        ``error``, ``raw``, ``attempts``, ``attempt_errors`` (list of {attempt, error, raw}), ``prompt_hash``.
+    """
+    out: list[dict[str, Any]] = [{} for _ in contexts]
+    history: list[list[dict[str, Any]]] = [[] for _ in contexts]
+    pending = list(range(len(contexts)))
+    for attempt in range(1, max(1, max_attempts) + 1):
+        if not pending:
+            break
+        last = [history[i][-1]["error"] if history[i] else "" for i in pending]
+        convs = [build_messages(contexts[i], attempt, err) for i, err in zip(pending, last)]
+        completions = generate(convs)
+        still = []
+        for i, conv, completion in zip(pending, convs, completions):
+            raw = answer_text(conv, completion)
+            base = {"raw": raw, "attempts": attempt, "prompt_hash": prompt_hash(conv), "attempt_errors": history[i]}
+            try:
+                desc, kws, warns = parse_answer(raw)
+            except AnswerError as e:
+                history[i] = history[i] + [{"attempt": attempt, "error": str(e), "raw": raw}]
+                out[i] = {**base, "attempt_errors": history[i], "status": "failed", "description": "",
+                          "keywords": [], "warnings": [], "error": str(e)}
+                still.append(i)
+                continue
+            out[i] = {**base, "status": "ok", "description": desc, "keywords": kws, "warnings": warns, "error": ""}
+        pending = still
+    return out
+
+
+def output_batch(rows_in: dict[str, np.ndarray], results: list[dict[str, Any]], engine: str, model: str) -> dict[str, np.ndarray]:
+    """Columns :data:`OUTPUT_COLUMNS` for a batch: pass-through request fields + results (JSON-encoded lists)."""
+    n = len(results)
+    col: dict[str, list[Any]] = {name: [] for name in OUTPUT_COLUMNS}
+    for j, res in enumerate(results):
+        for name in ("token", "sample_item_ids", "request_hash"):
+            col[name].append(str(rows_in[name][j]))
+        col["level"].append(int(rows_in["level"][j]))
+        col["n_items"].append(int(rows_in["n_items"][j]))
+        for name in ("status", "description", "error", "raw", "prompt_hash"):
+            col[name].append(res[name])
+        col["keywords"].append(json.dumps(res["keywords"], ensure_ascii=False))
+        col["warnings"].append(json.dumps(res["warnings"], ensure_ascii=False))
+        col["attempt_errors"].append(json.dumps(res["attempt_errors"], ensure_ascii=False))
+        col["attempts"].append(int(res["attempts"]))
+        col["engine"].append(engine)
+        col["model"].append(model)
+    ints = {"level", "n_items", "attempts"}
+    return {k: np.array(v, dtype=np.int64 if k in ints else object) if n else np.array([], dtype=object)
+            for k, v in col.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Engines
+# --------------------------------------------------------------------------------------------------
+
+
+class HFTeacher:
+    """Ray Data batch callable: transformers ``generate`` with a chat template, greedy, left padding.
+
+    Decoding is explicit (``do_sample=False``, one beam, no top-k/top-p, ``teacher.repetition_penalty``), and
+    the model's shipped ``generation_config`` is replaced, so checkpoint sampling defaults never
+    apply (METHOD.md R2). With ``temperature > 0`` it samples with ``torch.manual_seed(seed)`` per
+    call (deterministic for a fixed batch composition only).
+    """
+
+    def __init__(self, model_path: str, max_new_tokens: int = 320, max_attempts: int = 2, temperature: float = 0.0,
+                 seed: int = 0, num_threads: int = 1, gguf_file: str | None = None, model_name: str = "",
+                 repetition_penalty: float = 1.0):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        if num_threads > 0:
+            torch.set_num_threads(num_threads)  # one actor per CPU slot; oversubscription slows all actors
+        kw = {"gguf_file": gguf_file} if gguf_file else {}
+        self.tok = AutoTokenizer.from_pretrained(model_path, padding_side="left", **kw)
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        # A Ray actor with num_gpus > 0 sees its GPU through CUDA_VISIBLE_DEVICES.
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **kw).to(self.device).eval()
+        sampling = temperature > 0
+        self.gen_cfg = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=sampling, num_beams=1, temperature=temperature if sampling else None,
+            top_k=None, top_p=None, repetition_penalty=repetition_penalty if repetition_penalty != 1.0 else None,
+            pad_token_id=self.tok.pad_token_id,
+            eos_token_id=self.tok.eos_token_id, bos_token_id=self.tok.bos_token_id)
+        self.model.generation_config = self.gen_cfg
+        self.max_attempts, self.seed, self.sampling = max_attempts, seed, sampling
+        self.model_name = model_name or str(model_path)
+
+    @classmethod
+    def constructor_kwargs(cls, cfg: TeacherConfig, seed: int, model_path: str, gguf_file: str | None = None,
+                           num_threads: int = 1) -> dict[str, Any]:
+        return {"model_path": model_path, "max_new_tokens": cfg.max_new_tokens, "max_attempts": cfg.max_attempts,
+                "temperature": cfg.temperature, "seed": seed, "num_threads": num_threads, "gguf_file": gguf_file,
+                "model_name": cfg.model or model_path, "repetition_penalty": cfg.repetition_penalty}
+
+    def generate(self, conversations: list[Messages]) -> list[str]:
+        """Completions (special tokens removed) for a list of chat conversations."""
+        import torch
+
+        texts = [
+            self.tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=conv[-1]["role"] == "user",
+                                         continue_final_message=conv[-1]["role"] == "assistant")
+            for conv in conversations
+        ]
+        # The chat template already holds the special tokens it needs.
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        if self.sampling:
+            torch.manual_seed(self.seed)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, generation_config=self.gen_cfg)
+        return self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        contexts = [json.loads(c) for c in batch["context"]]
+        results = run_attempts(contexts, self.generate, self.max_attempts)
+        return output_batch(batch, results, "hf", self.model_name)
+
+
+class FileTeacher:
+    """Import an existing teacher file (authors' format). A token absent from the file is a failed row."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self.records = {r["token"]: r for r in read_teacher_file(path)}
+
+    @classmethod
+    def constructor_kwargs(cls, cfg: TeacherConfig, seed: int) -> dict[str, Any]:
+        return {"path": cfg.file}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = []
+        for tok in batch["token"]:
+            rec = self.records.get(str(tok))
+            if rec is None:
+                results.append({"status": "failed", "description": "", "keywords": [], "warnings": [], "raw": "",
+                                "error": f"token missing from teacher file {self.path}", "attempts": 0,
+                                "attempt_errors": [], "prompt_hash": ""})
+                continue
+            results.append({"status": "ok", "description": rec["description"], "keywords": rec["keywords"],
+                            "warnings": record_warnings(rec["description"], rec["keywords"]), "error": "",
+                            "raw": json.dumps(rec, ensure_ascii=False), "attempts": 0, "attempt_errors": [],
+                            "prompt_hash": ""})
+        return output_batch(batch, results, "file", Path(self.path).name)
+
+
+class VllmTeacher:
+    """Request building for ``ray.data.llm`` + vLLM (GPU). Builds no processor and imports no vLLM.
+
+    The orchestration layer passes :meth:`processor_config_kwargs` to ``vLLMEngineProcessorConfig``
+    and :meth:`preprocess` / :meth:`postprocess` to ``build_processor``, and reruns rows whose
+    ``status`` is ``retry`` with the next attempt number (strict prompt), up to ``max_attempts``.
+    """
+
+    def __init__(self, model_path: str, max_new_tokens: int = 320, max_attempts: int = 2, temperature: float = 0.0,
+                 seed: int = 0, batch_size: int = 4, concurrency: int = 1, tensor_parallel_size: int = 1,
+                 max_model_len: int = 4096, model_name: str = "", repetition_penalty: float = 1.0):
+        self.repetition_penalty = repetition_penalty
+        self.model_path, self.max_new_tokens, self.max_attempts = model_path, max_new_tokens, max_attempts
+        self.temperature, self.seed, self.batch_size, self.concurrency = temperature, seed, batch_size, concurrency
+        self.tensor_parallel_size, self.max_model_len = tensor_parallel_size, max_model_len
+        self.model_name = model_name or model_path
+
+    @classmethod
+    def constructor_kwargs(cls, cfg: TeacherConfig, seed: int, model_path: str, concurrency: int) -> dict[str, Any]:
+        return {"model_path": model_path, "max_new_tokens": cfg.max_new_tokens, "max_attempts": cfg.max_attempts,
+                "temperature": cfg.temperature, "seed": seed, "batch_size": cfg.batch_size, "concurrency": concurrency,
+                "tensor_parallel_size": cfg.tensor_parallel_size, "max_model_len": cfg.max_model_len,
+                "model_name": cfg.model or model_path, "repetition_penalty": cfg.repetition_penalty}
+
+    def processor_config_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``ray.data.llm.vLLMEngineProcessorConfig`` (Ray 2.60 field names)."""
+        return {
+            "model_source": self.model_path,
+            "batch_size": self.batch_size,
+            "concurrency": self.concurrency,
+            "engine_kwargs": {"tensor_parallel_size": self.tensor_parallel_size, "max_model_len": self.max_model_len,
+                              "enable_prefix_caching": True, "seed": self.seed},
+            "chat_template_stage": True,  # continues the strict prompt's assistant prefill
+            "tokenize_stage": True,
+            "detokenize_stage": True,
+            "should_continue_on_error": True,  # an engine error becomes a failed row, not a crashed job
+            "log_engine_metrics": False,
+        }
+
+    def sampling_params(self) -> dict[str, Any]:
+        """vLLM ``SamplingParams``: explicit greedy unless ``temperature > 0`` (METHOD.md R2)."""
+        params: dict[str, Any] = {"temperature": self.temperature, "top_p": 1.0, "max_tokens": self.max_new_tokens,
+                                  "repetition_penalty": self.repetition_penalty}
+        if self.temperature > 0:
+            params["seed"] = self.seed
+        return params
+
+    def preprocess(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Request row (+ ``attempt``, ``attempt_errors``) -> vLLM row with ``messages`` and ``sampling_params``."""
+        history = json.loads(row.get("attempt_errors") or "[]")
+        messages = build_messages(json.loads(row["context"]), int(row["attempt"]), history[-1]["error"] if history else "")
+        keep = {k: row[k] for k in ("token", "level", "n_items", "sample_item_ids", "request_hash", "context")}
+        return {**keep, "attempt": int(row["attempt"]), "attempt_errors": json.dumps(history),
+                "messages": messages, "sampling_params": self.sampling_params()}
+
+    def postprocess(self, row: dict[str, Any]) -> dict[str, Any]:
+        """vLLM output row -> an :data:`OUTPUT_COLUMNS` row; ``status`` is ok, retry or failed."""
+        attempt = int(row["attempt"])
+        messages = [dict(m) for m in row["messages"]]
+        history = json.loads(row["attempt_errors"])
+        engine_error = row.get("__inference_error__")
+        raw = answer_text(messages, row.get("generated_text") or "")
+        res: dict[str, Any] = {"description": "", "keywords": [], "warnings": [], "error": ""}
+        try:
+            if engine_error:
+                raise AnswerError(f"engine error: {engine_error}")
+            res["description"], res["keywords"], res["warnings"] = parse_answer(raw)
+            status = "ok"
+        except AnswerError as e:
+            history.append({"attempt": attempt, "error": str(e), "raw": raw})
+            res["error"] = str(e)
+            status = "retry" if attempt < self.max_attempts else "failed"
+        keep = {k: row[k] for k in ("token", "level", "n_items", "sample_item_ids", "request_hash", "context")}
+        return {**keep, **res, "status": status, "raw": raw, "attempts": attempt, "attempt": attempt,
+                "attempt_errors": json.dumps(history, ensure_ascii=False),
+                "keywords": json.dumps(res["keywords"], ensure_ascii=False),
+                "warnings": json.dumps(res["warnings"], ensure_ascii=False),
+                "prompt_hash": prompt_hash(messages), "engine": "vllm", "model": self.model_name}
+
+
+TEACHER_ENGINES: dict[str, type] = {"hf": HFTeacher, "vllm": VllmTeacher, "file": FileTeacher}
