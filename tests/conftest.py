@@ -1,7 +1,7 @@
 """Shared fixtures: one session-wide local Ray cluster (dashboard and job server on), tiny backbones.
 
-The Ray cluster is started in-process with ``ray.init`` on free ports, so parallel test sessions on
-one machine never collide, and ``ray.shutdown()`` tears down only this session's cluster.
+The Ray cluster is a real head started with ``ray start`` on free ports and joined in-process; see
+the ``ray_cluster`` fixture.
 """
 
 from __future__ import annotations
@@ -37,21 +37,51 @@ def require_shared(path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray head for the whole session. Yields ``{"dashboard_url": ..., "address": ...}``."""
+def ray_cluster(tmp_path_factory):
+    """A real local Ray head (``ray start --head --block``) for the whole session, joined in-process.
+
+    Every port is picked free, so parallel sessions on one machine never collide (``ray.init``
+    cannot move the job agent off its fixed port), and terminating the ``--block`` process stops only
+    this head. Yields ``{"dashboard_url": ..., "address": ...}``.
+    """
+    import subprocess
+    import sys
+    import time
+
     import ray
 
-    ctx = ray.init(
-        num_cpus=4,  # logical: 2 Train workers + drivers/actors on a 2-core machine
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=_free_port(),
-        configure_logging=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}},
-    )
-    yield {"dashboard_url": f"http://{ctx.dashboard_url}", "address": ctx.address_info["gcs_address"]}
-    ray.shutdown()
+    ports = {name: _free_port() for name in (
+        "port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port",
+        "ray-client-server-port")}  # fmt: skip
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=4",
+           "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats",
+           *[f"--{k}={v}" for k, v in ports.items()]]  # fmt: skip
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path_factory.mktemp("ray_head") / "head.log", "w")
+    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    address = f"127.0.0.1:{ports['port']}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            ray.init(address=address, configure_logging=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}})
+            break
+        except Exception:  # GCS not up yet
+            if head.poll() is not None or time.time() > deadline:
+                head.kill()
+                raise RuntimeError(f"ray head did not start; see {log.name}") from None
+            time.sleep(1)
+    try:
+        yield {"dashboard_url": f"http://127.0.0.1:{ports['dashboard-port']}", "address": address}
+    finally:
+        ray.shutdown()
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        log.close()
 
 
 @pytest.fixture(scope="session")

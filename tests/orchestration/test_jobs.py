@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,12 @@ def test_ray_job_submit_data_stage(ray_cluster, tmp_path):
         "data.synthetic.n_users=80",
     ]  # fmt: skip
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    for _ in range(12):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        # The head's job agent starts a few seconds after ray.init returns; the server says so.
+        if "No available agent" not in proc.stderr + proc.stdout:
+            break
+        time.sleep(5)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
     for name in ("items.parquet", "train.parquet", "valid.parquet", "test.parquet", "manifest.json"):
