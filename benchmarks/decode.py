@@ -100,6 +100,7 @@ def main() -> int:
     def base(b):
         return hf_prefix_beam_search(model, *b, cons, args.beams, pad)
 
+    load_start = os.getloadavg()[0]
     ours(batches[0]), base(batches[0])  # warm-up (allocator, kernels)
     t_ours = t_base = 0.0
     mismatched, max_score_diff = 0, 0.0
@@ -121,6 +122,7 @@ def main() -> int:
         f"tsrec constrained_beam_search:                               {ups_ours:.2f} users/s",
         f"speed-up: {ups_ours / ups_base:.1f}x",
         f"top-K identical: {users - mismatched}/{users} prompts; max |score diff| {max_score_diff:.2e}",
+        f"1-min load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end (other jobs share the machine)",
     ]
     print("\n".join(lines))
     if not args.no_record:

@@ -123,3 +123,28 @@ def test_rollout_shapes(sid_model, industrial_index):
     assert torch.equal(ro.sequences[:, :T], ids.repeat_interleave(G, 0))
     assert torch.equal(ro.completion_ids[:, :3], cons.sid_token_ids[ro.sid_index])
     assert all((ro.scores.view(B, G)[b].diff() <= 0).all() for b in range(B))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_other_causal_lms_match_exhaustive_scoring(arch):
+    """Any HF causal LM: other position schemes (learned absolute in GPT-2) and caches work unchanged."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4, eos_token_id=0, bos_token_id=0))
+    model.eval()
+    items = {i: [f"<a_{i % 3}>", f"<b_{(i // 3) % 3}>", f"<c_{i % 2}>"] for i in range(14)}
+    toks = sorted({t for v in items.values() for t in v})
+    cons = SidConstraints.from_sid_tokens(items, {t: 250 + i for i, t in enumerate(toks)})
+    raw = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    ids, mask = left_pad(raw, 0)
+    out = constrained_beam_search(model, ids, mask, cons, cons.num_sids)
+    for b, prompt in enumerate(raw):
+        truth = exhaustive_scores(model, prompt, cons)
+        order = torch.argsort(truth, descending=True, stable=True)
+        assert out.sid_index[b].tolist() == order.tolist()
+        torch.testing.assert_close(out.scores[b], truth[order], atol=1e-4, rtol=0)

@@ -105,7 +105,8 @@ def _level_logprobs(logits: torch.Tensor, code_ids: torch.Tensor) -> torch.Tenso
     return logits.index_select(-1, code_ids) - torch.logsumexp(logits, dim=-1, keepdim=True)
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: RL trainers feed the returned sequences to autograd forwards.
+@torch.no_grad()
 def constrained_beam_search(
     model,
     input_ids: torch.Tensor,
