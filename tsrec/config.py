@@ -97,6 +97,9 @@ class SidConfig:
     method: Literal["rqkmeans"] = "rqkmeans"
     levels: int = 3
     codebook_size: int = 256
+    # Small catalogues: codes per level are clamped to min(codebook_size, items,
+    # max(16, items // min_points_per_code)); 0 = clamp only to the item count.
+    min_points_per_code: int = 8
     kmeans_iters: int = 50
     # reassign: colliding items move to the nearest free last-level code under their prefix (SID
     # length stays `levels`); extra_level: every item gets a `<d_r>` token (length levels + 1).
@@ -114,11 +117,14 @@ class TeacherConfig:
     # file: a teacher file in the authors' format.
     model: str = ""
     file: str = ""
+    # Larger clusters are shown as a seeded sample of this many items (0 = all).
     max_items_per_prompt: int = 40
     max_description_chars: int = 160
     max_new_tokens: int = 320
     batch_size: int = 4
+    # hf: actors in the Ray Data pool (CPUs/GPUs per actor: resources.teacher); vllm: engine replicas.
     concurrency: int = 2
+    # Attempts per token; attempts after the first use the stricter prompt.
     max_attempts: int = 2
     temperature: float = 0.0
     # Explicit decoding setting of the teacher (1.0 = off); small models loop less with ~1.2.
@@ -213,6 +219,9 @@ class SftConfig:
     max_failures: int = 2
     # Log a metrics row every N optimiser steps (eval/save steps are always logged).
     log_every_steps: int = 1
+    # transformers attention backend for SFT ("" = its default, sdpa). "flash_attention_2" (needs
+    # flash-attn, GPU) runs packed rows varlen; sdpa/eager apply the block-diagonal mask densely.
+    attn_implementation: str = ""
     # Testing hook only (fault-tolerance test): the last rank SIGKILLs itself after optimiser step
     # `fail_at_step` (-1 = never) if the file `fail_marker` does not exist yet (it is created first, so
     # only the first attempt dies). Leave at the defaults in real configs.

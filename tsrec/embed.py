@@ -1,6 +1,7 @@
 """Item text embedding (METHOD.md 1.2): item text -> one float32 vector per item.
 
-Stage 1.2 of the pipeline, the input of SID construction (``tsrec sid build``, :mod:`tsrec.sid.build`).
+Stage 1.2 of the pipeline, the input of SID construction (:mod:`tsrec.sid.build`); runs inside
+``tsrec sid build --data DIR --out DIR [--encoder DIR] [--ray]`` and writes ``<out>/embeddings.npy`` there.
 
 - :func:`item_texts` builds the METHOD.md 1.2 text of every item: ``clean(title) + " " + clean(description)``,
   where cleaning strips HTML tags and removes ``"``, ``\\n`` and ``\\r``; an empty text becomes
@@ -145,8 +146,9 @@ class TextEncoder:
         self.model_path = str(model_path or default_encoder_path())
         self.batch_size, self.max_length, self.normalize = batch_size, max_length, normalize
         self.device = torch.device(resolve_device(device))
-        # Right padding is what masked mean pooling assumes nothing about, but METHOD.md 1.2 records it;
-        # decoder-style encoders (Qwen3-Embedding) often ship with left padding and no pad token.
+        # METHOD.md 1.2 pads on the right (masked pooling works either way, but causal encoders see
+        # different positions under left padding); decoder-style encoders such as Qwen3-Embedding
+        # ship with left padding and sometimes no pad token.
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:

@@ -45,7 +45,12 @@ def test_same_seed_same_result_other_seed_differs():
 
 def test_small_catalogue_clamps_codebook_size():
     assert effective_codebook_size(3686, 256) == 256
-    assert effective_codebook_size(40, 256) == 40
+    assert effective_codebook_size(40, 256) == 40  # at most one code per item
+    # Default sid.min_points_per_code=8: Industrial keeps 256; small catalogues get real clusters.
+    assert effective_codebook_size(3686, 256, 8) == 256
+    assert effective_codebook_size(400, 256, 8) == 50
+    assert effective_codebook_size(40, 256, 8) == 16  # floor: enough last-level codes per prefix
+    assert effective_codebook_size(10, 256, 8) == 10
     rq = residual_kmeans(_clustered(n=40), levels=3, codebook_size=256, iters=5, seed=0)
     assert rq.codebook_size == 40 and rq.requested_codebook_size == 256
     assert rq.codes.max() < 40

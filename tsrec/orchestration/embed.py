@@ -37,11 +37,17 @@ def embed_items_ray(cfg: Config, items: pa.Table) -> np.ndarray:
     res = cfg.resources.embed
     item_ids = np.asarray(items.column("item_id").to_numpy(), dtype=np.int64)
     texts = item_texts(items, cfg.embed.text)
+    if not texts:
+        raise ValueError("no items to embed")
     kwargs = encoder_kwargs(cfg.embed)
     # One torch thread pool per actor sized to its CPU share, so N actors don't oversubscribe a node.
     kwargs["num_threads"] = max(1, int(res.cpus_per_worker))
 
-    ds = ray.data.from_arrow(pa.table({"item_id": pa.array(item_ids, pa.int64()), "text": pa.array(texts, pa.string())}))
+    table = pa.table({"item_id": pa.array(item_ids, pa.int64()), "text": pa.array(texts, pa.string())})
+    # from_arrow(one table) is one block, and one block feeds one actor: split so every actor gets work.
+    n_blocks = max(1, min(-(-len(texts) // cfg.embed.batch_size), 4 * max(1, res.workers)))
+    step = -(-len(texts) // n_blocks)
+    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(texts), step)])
     ds = ds.map_batches(
         TextEncoder,
         fn_constructor_kwargs=kwargs,

@@ -7,7 +7,8 @@ Called by :func:`tsrec.sid.build.build_sids` (``tsrec sid build``).
 
 Why ``faiss.Kmeans`` per level rather than ``faiss.ResidualQuantizer``:
 - ``ResidualQuantizer`` codebooks have ``2**nbits`` entries; per-level ``Kmeans`` takes any size, which
-  the small-catalogue clamp below needs (a 400-item synthetic catalogue cannot fill 256 codes).
+  the small-catalogue clamp (:func:`effective_codebook_size`) needs: a 400-item synthetic catalogue
+  cannot fill 256 codes with real clusters, so it gets 50.
 - Each level's seed, iteration count and centroids are explicit, so the result is a plain function of
   (embeddings, levels, codebook size, iterations, seed, threads) and the centroids are available for
   collision resolution (:mod:`tsrec.sid.collisions`) without decoding faiss' packed codebooks.
@@ -29,6 +30,9 @@ import faiss
 import numpy as np
 
 from tsrec.config import SidConfig
+
+# Floor of the small-catalogue clamp (effective_codebook_size).
+MIN_CODES = 16
 
 
 @dataclass
@@ -53,14 +57,21 @@ class RQKMeansResult:
     mse_per_level: list[float]
 
 
-def effective_codebook_size(n_items: int, requested: int) -> int:
-    """The codebook size k-means can fit: at most one centroid per training point.
+def effective_codebook_size(n_items: int, requested: int, min_points_per_code: int = 0) -> int:
+    """The codebook size k-means can fit on ``n_items`` points.
 
-    faiss refuses ``k > n``; a catalogue smaller than ``sid.codebook_size`` gets ``C = n_items``.
+    ``min(requested, n_items, max(MIN_CODES, n_items // min_points_per_code))``: faiss refuses more
+    centroids than points, and a centroid with one or two items is no cluster (a 400-item catalogue
+    with 256 level-0 codes gets an almost one-item-per-code first level). The floor keeps tiny catalogues
+    at enough last-level codes per prefix for unique SIDs. ``min_points_per_code=0`` clamps only to
+    ``n_items``. Industrial (3,686 items) and Office keep 256 with the default of 8.
     """
     if n_items < 1:
         raise ValueError("residual k-means needs at least one item")
-    return max(1, min(int(requested), int(n_items)))
+    k = min(int(requested), int(n_items))
+    if min_points_per_code > 0:
+        k = min(k, max(MIN_CODES, n_items // int(min_points_per_code)))
+    return max(1, k)
 
 
 def residual_kmeans(
@@ -70,6 +81,7 @@ def residual_kmeans(
     iters: int = 50,
     seed: int = 42,
     threads: int = 1,
+    min_points_per_code: int = 0,
 ) -> RQKMeansResult:
     """Fit residual k-means and assign every row its per-level code.
 
@@ -80,6 +92,7 @@ def residual_kmeans(
         iters: k-means iterations per level.
         seed: k-means seed; level ``l`` uses ``seed + l`` so levels do not share initial centroids.
         threads: faiss OpenMP threads during the fit (deterministic for a fixed value).
+        min_points_per_code: small-catalogue clamp, see :func:`effective_codebook_size`.
 
     Returns:
         :class:`RQKMeansResult`.
@@ -92,7 +105,7 @@ def residual_kmeans(
     if levels < 1:
         raise ValueError(f"sid.levels must be >= 1, got {levels}")
     n, d = x.shape
-    k = effective_codebook_size(n, codebook_size)
+    k = effective_codebook_size(n, codebook_size, min_points_per_code)
 
     previous_threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(max(1, int(threads)))
@@ -130,7 +143,13 @@ def residual_kmeans(
 
 
 def fit_rqkmeans(x: np.ndarray, cfg: SidConfig, seed: int) -> RQKMeansResult:
-    """:func:`residual_kmeans` with levels, codebook size, iterations and threads from ``cfg``."""
+    """:func:`residual_kmeans` with levels, codebook size and its clamp, iterations and threads from ``cfg``."""
     return residual_kmeans(
-        x, levels=cfg.levels, codebook_size=cfg.codebook_size, iters=cfg.kmeans_iters, seed=seed, threads=cfg.threads
+        x,
+        levels=cfg.levels,
+        codebook_size=cfg.codebook_size,
+        iters=cfg.kmeans_iters,
+        seed=seed,
+        threads=cfg.threads,
+        min_points_per_code=cfg.min_points_per_code,
     )
