@@ -16,6 +16,7 @@ from tsrec.cli import main
 from tsrec.config import load_config
 from tsrec.model import init_model
 from tsrec.orchestration.semantics import extract_semantics
+from tsrec.pretrained import smollm2_hf_dir
 from tsrec.sid.index import read_index, token_level
 
 
@@ -85,11 +86,16 @@ def test_sa_init_rows_match_formula_for_each_depth(industrial_semantics, tiny_ba
 
 
 def test_untied_lm_head_option(industrial_semantics, tmp_path):
-    from tsrec.tiny import build_tiny_model, build_tiny_tokenizer
+    """An untied Llama-family backbone: LM-head rows are SA-initialised only with sa_init.init_lm_head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tsrec.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(["heavy duty staples"])
     src = tmp_path / "untied"
-    build_tiny_model(len(tok), tie=False).save_pretrained(src)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)).save_pretrained(src)
     tok.save_pretrained(src)
     common = ["sa_init.depth=1", "model.mean_resizing=false"]
     off = _init(common, src, industrial_semantics, tmp_path / "off")
@@ -130,3 +136,20 @@ def test_cli_model_init_tiny(industrial_semantics, tmp_path, capsys):
     assert tok.convert_ids_to_tokens(tok("<a_236><b_231>", add_special_tokens=False)["input_ids"]) == ["<a_236>", "<b_231>"]
     assert main(["model", "init", "--sids", str(INDUSTRIAL), "--depth", "1", "--out", str(tmp_path / "x"),
                  "model.tiny=true"]) == 2  # depth > 0 without a teacher file is a named input error
+
+
+def test_default_backbone_smollm2(industrial_semantics, tmp_path):
+    """Default backbone (SmolLM2-135M-Instruct, Llama family, converted from GGUF): saves as a plain HF folder."""
+    stats = init_model(load_config(overrides=["sa_init.depth=1"]), INDUSTRIAL, industrial_semantics, tmp_path / "smol")
+    assert stats["vocab_before"] == 49152 and stats["vocab_after"] == 49152 + 560 and stats["tied"] is True
+    assert stats["init_kinds"] == {"sa_init": 48, "mean_resized": 512}
+    config = json.loads((tmp_path / "smol" / "config.json").read_text())
+    assert "quantization_config" not in config and config["vocab_size"] == 49152 + 560
+    tok = AutoTokenizer.from_pretrained(tmp_path / "smol")
+    rec = json.loads(industrial_semantics.read_text())[0]
+    row = AutoModelForCausalLM.from_pretrained(tmp_path / "smol").get_input_embeddings().weight[
+        tok.convert_tokens_to_ids(rec["token"])].detach().numpy()
+    E = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir()).get_input_embeddings().weight.detach().numpy()
+    v = E.astype(np.float64)[tok(" ".join(rec["keywords"]), add_special_tokens=False)["input_ids"]].mean(0)
+    # the first record's row points along the mean keyword embedding (its scale depends on the resized rows)
+    assert np.allclose(row / np.linalg.norm(row), v / np.linalg.norm(v), atol=1e-5)

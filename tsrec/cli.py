@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -117,12 +118,22 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _default(path: str | None, cfg: Config, name: str) -> Path:
     return Path(path) if path else Path(cfg.run.out_dir) / name
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # DeepSpeed prints its accelerator guess to stdout on import; on a machine without CUDA say it
+    # up front so the JSON this command prints stays clean.
+    if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
+        os.environ["DS_ACCELERATOR"] = "cpu"
     try:
         cfg = resolve_config(args)
         result = dispatch(args, cfg)

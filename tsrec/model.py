@@ -25,6 +25,7 @@ even when the checkpoint has more rows; identical for Qwen2.5 + Industrial), and
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,18 @@ def _load_backbone(cfg: Config):
         raise InputError(path, "backbone folder not found (model.backbone)")
     tok = AutoTokenizer.from_pretrained(folder, **kw)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw)
+    quant = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    method = getattr(quant, "quant_method", None)
+    if gguf or getattr(method, "value", method) == "gguf":
+        # A GGUF-loaded model (or a folder converted from GGUF whose config kept the gguf
+        # quantization_config) is flagged as quantized and refuses save_pretrained, although its
+        # weights are dequantised: rebuild it from its config and copy the weights.
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights are dequantised: save them as a plain model
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        plain.load_state_dict(model.state_dict())
+        model = plain
     return tok, model, str(path / gguf) if gguf else str(path)
 
 

@@ -52,7 +52,7 @@ def smollm2_hf_dir() -> Path:
     copies the state dict and saves with safetensors. It writes to a temporary folder and renames, so
     concurrent processes or an interrupted conversion never leave a half-written cache.
     """
-    target = cache_dir() / "SmolLM2-135M-Instruct"
+    target = cache_dir() / "SmolLM2-135M-Instruct-v2"  # v2: saved without the gguf quantization_config
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     import torch
@@ -61,7 +61,12 @@ def smollm2_hf_dir() -> Path:
     gguf = smollm2_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # The weights are dequantised now; a leftover gguf quantization_config would make the folder
+    # unsaveable ("quantized with gguf and is not serializable") for every later stage.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2.", dir=target.parent))

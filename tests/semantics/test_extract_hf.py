@@ -43,7 +43,7 @@ def make_catalogue(root: Path) -> tuple[Path, Path]:
     return sids, data
 
 
-OVERRIDES = ["teacher.engine=hf", "teacher.max_new_tokens=96", "teacher.batch_size=1", "teacher.concurrency=2",
+OVERRIDES = ["teacher.engine=hf", "teacher.max_new_tokens=64", "teacher.batch_size=1", "teacher.concurrency=2",
              "teacher.max_attempts=2", "teacher.repetition_penalty=1.2", "teacher.retry_failed=false",
              "resources.teacher.cpus_per_worker=1"]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import ray
+from tsrec.orchestration.cluster import ensure_ray
 
 from tsrec.config import Config
 from tsrec.embed import TextEncoder, encoder_kwargs, item_texts
@@ -32,8 +33,7 @@ def embed_items_ray(cfg: Config, items: pa.Table) -> np.ndarray:
     Returns:
         (N, D) float32 embeddings, row i = the item with the i-th smallest ``item_id``.
     """
-    if not ray.is_initialized():
-        ray.init(address=cfg.resources.ray_address or None)
+    ensure_ray(cfg)
     res = cfg.resources.embed
     item_ids = np.asarray(items.column("item_id").to_numpy(), dtype=np.int64)
     texts = item_texts(items, cfg.embed.text)

@@ -64,9 +64,10 @@ def run_eval(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, out_d
 
     import ray
 
+    from tsrec.orchestration.cluster import ensure_ray
+
     t0 = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(address=cfg.resources.ray_address or None, configure_logging=False)
+    ensure_ray(cfg)
     rows = load_rows(cfg, data_dir, sids_dir)
     shards = shard_rows(rows, workers, cfg.eval.batch_size)
     res = cfg.resources.eval

@@ -131,16 +131,13 @@ def _up_to_date(cfg: Config, stage: str, stage_dir: Path) -> bool:
 
 def run_pipeline(cfg: Config, force: bool = False, log: Callable[[str], None] = print) -> dict:
     """Run ``cfg.pipeline.stages`` in order; returns ``{stage: stats}`` and writes ``pipeline.json``."""
-    import ray
+    from tsrec.orchestration.cluster import ensure_ray
 
     validate_stages(cfg)
     root = Path(cfg.run.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root / "config.yaml")
-    if not ray.is_initialized():
-        # Under `ray job submit` RAY_ADDRESS is set and ray.init() joins that cluster; locally it
-        # starts an in-process head. Never pass num_cpus when joining (STACK.md 3.4).
-        ray.init(address=cfg.resources.ray_address or None, configure_logging=False)
+    ensure_ray(cfg)
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
     for name in cfg.pipeline.stages:

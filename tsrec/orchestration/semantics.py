@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -61,10 +63,9 @@ def extract_semantics(cfg: Config, sids_dir: Path, data_dir: Path, out_dir: Path
 
     # --- 1. clusters and requests ---
     index = read_index(sids_dir)
-    clusters = build_clusters(index, tcfg.max_items_per_prompt, cfg.run.seed)
-    order = [c.token for c in clusters]
-    if tcfg.limit > 0:
-        clusters = clusters[: tcfg.limit]
+    all_clusters = build_clusters(index, tcfg.max_items_per_prompt, cfg.run.seed)
+    order = [c.token for c in all_clusters]
+    clusters = all_clusters[: tcfg.limit] if tcfg.limit > 0 else all_clusters
     model_path, gguf = _model_source(cfg)
     if engine == "file":
         titles = {i: "" for c in clusters for i in c.sample_item_ids}
@@ -89,7 +90,7 @@ def extract_semantics(cfg: Config, sids_dir: Path, data_dir: Path, out_dir: Path
     done_hashes = set(finished.loc[keep, "request_hash"]) if len(finished) else set()
     pending = [r for r in rows if r["request_hash"] not in done_hashes]
     print(f"semantics: {len(rows)} tokens requested, {len(rows) - len(pending)} already done, "
-          f"{len(pending)} to extract with engine={engine}", flush=True)
+          f"{len(pending)} to extract with engine={engine}", file=sys.stderr, flush=True)
 
     # --- 3. run the engine; every batch lands in parts/ as it arrives ---
     t_engine = time.time()
@@ -113,16 +114,16 @@ def extract_semantics(cfg: Config, sids_dir: Path, data_dir: Path, out_dir: Path
     failures = [{"token": r.token, "error": r.error, "raw": r.raw, "attempts": int(r.attempts),
                  "attempt_errors": json.loads(r.attempt_errors)} for r in merged[merged["status"] != "ok"].itertuples()]
     extra = []
-    if engine == "file":
-        teacher = TEACHER_ENGINES["file"](model_path)
-        extra = [t for t in teacher.records if t not in set(order)]
+    if engine == "file":  # tokens of the file that the index does not have (METHOD.md 1.4 validation)
+        known = set(order)
+        extra = [t for t in TEACHER_ENGINES["file"](model_path).records if t not in known]
     stats = {
         "engine": engine, "model": tcfg.model or model_path, "tokens_in_index": len(order), "tokens_requested": len(rows),
         "ok": len(records), "failed": len(failures), "resumed": len(rows) - len(pending), "extracted_this_run": len(pending),
         "engine_s": round(engine_s, 3), "records_per_s": round(len(pending) / engine_s, 4) if pending and engine_s > 0 else None,
         "attempts_histogram": {str(k): int(v) for k, v in merged["attempts"].value_counts().sort_index().items()},
         "records_with_warnings": len(validation["warnings"]), "duplicate_descriptions": validation["duplicate_descriptions"],
-        "file_extra_tokens": extra, "clusters": cluster_stats(build_clusters(index, tcfg.max_items_per_prompt, cfg.run.seed)),
+        "file_extra_tokens": extra, "clusters": cluster_stats(all_clusters),
     }
 
     # --- 5. write outputs atomically, manifest last ---
@@ -175,18 +176,11 @@ def _run_vllm(cfg: Config, pending: list[dict[str, Any]], model_path: str, parts
     """ray.data.llm + vLLM. Rows the postprocess marks ``retry`` go round again with the strict prompt."""
     import ray
 
-    from tsrec.semantics.teacher import VllmTeacher
-
     _ensure_ray(cfg)
     if ray.cluster_resources().get("GPU", 0) < 1:
         raise RuntimeError("teacher.engine=vllm needs GPUs in the Ray cluster (ray.data.llm waits forever for one "
                            "on CPU, STACK.md 5.2); use teacher.engine=hf on CPU")
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-
-    teacher = VllmTeacher(**VllmTeacher.constructor_kwargs(cfg.teacher, cfg.run.seed, model_path,
-                                                           concurrency=max(1, cfg.teacher.concurrency)))
-    processor = build_processor(vLLMEngineProcessorConfig(**teacher.processor_config_kwargs()),
-                                preprocess=teacher.preprocess, postprocess=teacher.postprocess)
+    processor = build_vllm_processor(cfg, model_path)
     rows = [{**r, "attempt": 1, "attempt_errors": "[]"} for r in pending]
     while rows:
         retry: list[dict[str, Any]] = []
@@ -200,12 +194,22 @@ def _run_vllm(cfg: Config, pending: list[dict[str, Any]], model_path: str, parts
         rows = retry
 
 
-def _ensure_ray(cfg: Config) -> None:
-    import ray
+def build_vllm_processor(cfg: Config, model_path: str):
+    """The ``ray.data.llm`` processor of the vllm engine. Building is lazy and safe on CPU; running is not."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    if not ray.is_initialized():
-        # Under `ray job submit` RAY_ADDRESS is set and ray.init() joins that cluster.
-        ray.init(address=cfg.resources.ray_address or None, configure_logging=False)
+    from tsrec.semantics.teacher import VllmTeacher
+
+    teacher = VllmTeacher(**VllmTeacher.constructor_kwargs(cfg.teacher, cfg.run.seed, model_path,
+                                                           concurrency=max(1, cfg.teacher.concurrency)))
+    return build_processor(vLLMEngineProcessorConfig(**teacher.processor_config_kwargs()),
+                           preprocess=teacher.preprocess, postprocess=teacher.postprocess)
+
+
+def _ensure_ray(cfg: Config) -> None:
+    from tsrec.orchestration.cluster import ensure_ray
+
+    ensure_ray(cfg)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,4 +260,4 @@ def _merge(parts: pd.DataFrame, rows: list[dict[str, Any]]) -> pd.DataFrame:
     missing = [r["token"] for r in rows if r["token"] not in latest.index]
     if missing:  # every requested token must end with a record or a reported failure
         raise RuntimeError(f"{len(missing)} tokens have neither a record nor a failure, e.g. {missing[:3]}")
-    return latest.loc[[r["token"] for r in rows]].reset_index().drop(columns=["is_ok"])
+    return latest.loc[[r["token"] for r in rows]].reset_index().drop(columns=["is_ok", "part_order"])

@@ -36,6 +36,9 @@ class RayTrainContext:
         tc = ray.train.get_context()
         self.rank, self.world_size = tc.get_world_rank(), tc.get_world_size()
         self.local_rank = tc.get_local_rank()
+        import ray.train.torch
+
+        self.device = str(ray.train.torch.get_device())
         self.artifacts_uri = artifacts_uri
         self._resume = None
         ckpt = ray.train.get_checkpoint()

@@ -4,8 +4,8 @@ One request per SID token: the titles (and truncated descriptions) of its cluste
 deterministically for large clusters (``clusters.py``). The teacher answers a JSON object
 ``{"description": ..., "keywords": [...]}``: one paragraph of about 80 words and about 20 keyphrases.
 
-Every answer is parsed and validated (:func:`parse_answer`). A rejected answer is retried with a
-stricter prompt that names the reason and prefills the assistant turn with ``{"description": "``;
+Every answer is parsed and validated (``answers.parse_answer``). A rejected answer is retried with
+a stricter prompt that names the reason and prefills the assistant turn with ``{"description": "``;
 what still fails after ``teacher.max_attempts`` is returned as a ``failed`` row with its reason and
 raw text, never dropped and never patched up.
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from tsrec.config import TeacherConfig
+from tsrec.semantics.answers import AnswerError, extract_json_object, parse_answer  # noqa: F401 (re-exported)
 from tsrec.semantics.clusters import TokenCluster
 from tsrec.semantics.records import read_teacher_file, record_warnings
-from tsrec.sid.index import TOKEN_RE
 
 PROMPT_VERSION = "tsrec-teacher-v1"
 PREFILL = '{"description": "'
@@ -67,10 +66,6 @@ OUTPUT_COLUMNS = (
 )
 
 
-class AnswerError(ValueError):
-    """A teacher answer that cannot be used; the message is the reason recorded with the failure."""
-
-
 # --------------------------------------------------------------------------------------------------
 # Requests and prompts
 # --------------------------------------------------------------------------------------------------
@@ -88,7 +83,7 @@ def request_rows(clusters: Sequence[TokenCluster], titles: dict[int, str], descr
                  cfg: TeacherConfig, engine: str, model: str) -> list[dict[str, Any]]:
     """One request row per cluster: the prompt context plus the hash that identifies the request.
 
-    ``request_hash`` covers engine, model, prompt version, decoding settings and the first prompt;
+    ``request_hash`` covers token, engine, model, prompt version, decoding settings and the first prompt;
     a resumed run reuses a finished record only if its request hash is unchanged.
     """
     rows = []
@@ -98,8 +93,8 @@ def request_rows(clusters: Sequence[TokenCluster], titles: dict[int, str], descr
             "items": [[clean_text(titles[i], 0), clean_text(descriptions.get(i, ""), cfg.max_description_chars)]
                       for i in c.sample_item_ids],
         }
-        key = [engine, model, PROMPT_VERSION, cfg.max_new_tokens, cfg.temperature, cfg.repetition_penalty, cfg.max_attempts,
-               build_messages(context, 1)]
+        key = [c.token, engine, model, PROMPT_VERSION, cfg.max_new_tokens, cfg.temperature, cfg.repetition_penalty,
+               cfg.max_attempts, build_messages(context, 1)]
         rows.append({
             "token": c.token,
             "level": c.level,
@@ -151,79 +146,8 @@ def _sha(obj: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Parsing and validation
+# Attempts and retries
 # --------------------------------------------------------------------------------------------------
-
-
-def extract_json_object(text: str) -> tuple[dict[str, Any], bool]:
-    """The first JSON object in ``text`` (prose and code fences around it are allowed).
-
-    Returns ``(object, has_surrounding_text)``. Prefers an object with a ``description`` or
-    ``keywords`` key when several parse.
-
-    Raises:
-        AnswerError: no ``{`` at all, or no position where a complete JSON object parses (truncated).
-    """
-    decoder = json.JSONDecoder()
-    found: list[tuple[dict[str, Any], int, int]] = []
-    for m in re.finditer(r"\{", text):
-        try:
-            obj, end = decoder.raw_decode(text, m.start())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            found.append((obj, m.start(), end))
-            if "description" in obj or "keywords" in obj:
-                break
-    if not found:
-        if "{" not in text:
-            raise AnswerError("no JSON object in the answer")
-        raise AnswerError("truncated or malformed JSON object")
-    obj, start, end = next((f for f in found if "description" in f[0] or "keywords" in f[0]), found[0])
-    outside = (text[:start] + text[end:]).replace("```json", "").replace("```", "").strip()
-    return obj, bool(outside)
-
-
-def parse_answer(text: str) -> tuple[str, list[str], list[str]]:
-    """Validate one teacher answer.
-
-    Returns:
-        ``(description, keywords, warnings)``: whitespace-collapsed description, cleaned keywords
-        (stripped, empty and case-insensitive duplicates dropped), contract warnings.
-
-    Raises:
-        AnswerError: the answer is unusable (see the module docstring); the message is the reason.
-    """
-    obj, surrounded = extract_json_object(text)
-    # Key case is not content: accept "Keywords" / " description " as the keys they spell.
-    obj = {str(k).strip().lower(): v for k, v in obj.items()}
-    missing = [k for k in ("description", "keywords") if k not in obj]
-    if missing:
-        raise AnswerError(f"missing key(s) {', '.join(missing)}")
-    desc = obj["description"]
-    if not isinstance(desc, str) or not desc.strip():
-        raise AnswerError("description is empty or not a string")
-    desc = " ".join(desc.split())
-    kws_in = obj["keywords"]
-    if not isinstance(kws_in, list) or not all(isinstance(k, str) for k in kws_in):
-        raise AnswerError("keywords is not a list of strings")
-    keywords: list[str] = []
-    seen: set[str] = set()
-    for k in kws_in:
-        k = " ".join(k.split())
-        if k and k.lower() not in seen:
-            seen.add(k.lower())
-            keywords.append(k)
-    if not keywords:
-        raise AnswerError("empty keyword list")
-    if TOKEN_RE.search(desc) or any(TOKEN_RE.search(k) for k in keywords):
-        raise AnswerError("SID token string in the answer")
-    warnings = record_warnings(desc, keywords)
-    if len(keywords) < len(kws_in):
-        warnings.append(f"{len(kws_in) - len(keywords)} empty or duplicate keywords dropped")
-    if surrounded:
-        warnings.append("text around the JSON object")
-    return desc, keywords, warnings
 
 
 def run_attempts(contexts: Sequence[dict[str, Any]], generate: Callable[[list[Messages]], list[str]],
