@@ -135,6 +135,18 @@ class TeacherConfig:
     limit: int = 0
     # Resume: a rerun requests failed tokens again (true) or keeps their reported failure (false).
     retry_failed: bool = True
+    # hf: the last attempt (when max_attempts >= 2) is schema-guided: the model writes the description
+    # and each keyphrase, the decoder holds the JSON shape (tsrec/semantics/guided.py).
+    guided: bool = True
+    guided_description_tokens: int = 120
+    guided_keyword_tokens: int = 8
+    guided_max_keywords: int = 20
+    guided_min_keywords: int = 3
+    guided_repetition_penalty: float = 1.2
+    # Forbid repeating any n-gram of prompt + description (stops loops and copied item lines; 0 = off).
+    guided_no_repeat_ngram_size: int = 3
+    # The description cannot close before this many tokens (a 135M model otherwise stops after ~15 words).
+    guided_min_description_tokens: int = 40
 
 
 @dataclass

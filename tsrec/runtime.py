@@ -25,6 +25,7 @@ class RunContext(Protocol):
 
     rank: int
     world_size: int
+    device: str  # "cpu" or "cuda:<i>": where this rank computes
 
     @property
     def resume_dir(self) -> Path | None:
@@ -46,6 +47,9 @@ class LocalContext:
         self.rank = int(os.environ.get("RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        import torch
+
+        self.device = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
         self.metrics: list[dict[str, Any]] = []
 
     @property

@@ -25,6 +25,7 @@ def test_pipeline_end_to_end(ray_cluster, tmp_path):
             "data.synthetic.n_users=160",
             "data.synthetic.n_categories=4",
             "sid.codebook_size=4",
+            "sid.collision=extra_level",  # 4-token SIDs <a><b><c><d> through every stage
             "teacher.max_new_tokens=48",
             "teacher.max_items_per_prompt=6",
             "sft.max_steps=12",

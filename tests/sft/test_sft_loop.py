@@ -68,3 +68,11 @@ def test_lora_trains_sid_rows_only(tiny, tmp_path):
     assert (before[sid_rows] - after[sid_rows]).abs().max() > 0  # new SID rows are trainable
     assert torch.equal(before[:100], after[:100])  # the rest of the vocabulary is frozen
     assert not any("lora" in k for k in after_model.state_dict())  # merged on export
+
+
+def test_early_stopping_keeps_best(tiny, tmp_path):
+    # lr 0: the validation loss never improves after the first evaluation -> stop after `patience` more.
+    result = _run(tiny, tmp_path, "sft.max_steps=20", "sft.lr=0.0", "sft.eval_every_steps=2",
+                  "sft.save_every_steps=100", "sft.early_stopping_patience=2")
+    assert result["early_stopped"] and result["steps"] == 6
+    assert (tmp_path / "best" / "config.json").exists() and (tmp_path / "checkpoints").exists()

@@ -18,13 +18,13 @@ tokenizer), ``metrics.csv``, ``loss.png``, ``tensorboard/``, ``summary.json``, `
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from tsrec.artifacts import InputError, staging_dir, write_manifest
 from tsrec.config import Config, config_from_manifest_dict
+from tsrec.orchestration.cluster import ensure_ray
 
 
 class RayTrainContext:
@@ -65,7 +65,6 @@ class RayTrainContext:
 def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semantics_file: Path | None,
             out_dir: Path) -> dict[str, Any]:
     """Run SFT on Ray Train and collect its outputs in ``out_dir`` (the function ``tsrec sft`` calls)."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -90,8 +89,7 @@ def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semant
     name = f"{cfg.run.name}-sft"
     storage = cfg.sft.storage_path or str(out_dir / "ray")
     artifacts = f"{storage.rstrip('/')}/{name}/artifacts"
-    if not ray.is_initialized():
-        ray.init(address=cfg.resources.ray_address or os.environ.get("RAY_ADDRESS") or None)
+    ensure_ray(cfg)
     worker_resources = {"CPU": res.cpus_per_worker}
     if res.gpus_per_worker > 0:
         worker_resources["GPU"] = res.gpus_per_worker

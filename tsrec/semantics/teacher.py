@@ -6,7 +6,9 @@ deterministically for large clusters (``clusters.py``). The teacher answers a JS
 
 Every answer is parsed and validated (``answers.parse_answer``). A rejected answer is retried with
 a stricter prompt that names the reason and prefills the assistant turn with ``{"description": "``;
-what still fails after ``teacher.max_attempts`` is returned as a ``failed`` row with its reason and
+with the hf engine the last attempt is schema-guided instead (``teacher.guided``, ``guided.py``: the
+model writes every word, the decoder holds the JSON shape); what still fails after
+``teacher.max_attempts`` is returned as a ``failed`` row with its reason and
 raw text, never dropped and never patched up.
 
 Errors vs warnings. *Errors* (the answer is unusable): no complete JSON object (truncated or missing),
@@ -59,6 +61,15 @@ STRICT_TASK = (
     "with about 20 short keyphrases. Do not mention identifiers or item numbers.\n"
     "Your previous answer was rejected: {reason}."
 )
+# The guided attempt (hf) asks for the same object; the decoder enforces its shape, so the prompt steers content.
+GUIDED_TASK = (
+    "Describe the shared scope and characteristics of this product family.\n"
+    "Answer with a JSON object with exactly two keys:\n"
+    '"description": one paragraph of about 80 words on what the products have in common, starting with '
+    '"This product family";\n'
+    '"keywords": a list of about 20 short keyphrases (one to four words each) naming product types, uses and features.\n'
+    "Do not list the products one by one and do not mention identifiers or item numbers."
+)
 
 OUTPUT_COLUMNS = (
     "token", "level", "status", "description", "keywords", "warnings", "error", "raw", "attempts",
@@ -95,6 +106,8 @@ def request_rows(clusters: Sequence[TokenCluster], titles: dict[int, str], descr
         }
         key = [c.token, engine, model, PROMPT_VERSION, cfg.max_new_tokens, cfg.temperature, cfg.repetition_penalty,
                cfg.max_attempts, build_messages(context, 1)]
+        if engine == "hf" and cfg.guided:
+            key.append(guided_settings(cfg))
         rows.append({
             "token": c.token,
             "level": c.level,
@@ -106,11 +119,19 @@ def request_rows(clusters: Sequence[TokenCluster], titles: dict[int, str], descr
     return rows
 
 
-def build_messages(context: dict[str, Any], attempt: int, last_error: str = "") -> Messages:
+def guided_settings(cfg: TeacherConfig) -> dict[str, Any]:
+    """The ``teacher.guided_*`` settings (part of the hf request hash when ``teacher.guided``)."""
+    return {k: getattr(cfg, k) for k in ("guided_description_tokens", "guided_keyword_tokens", "guided_max_keywords",
+                                         "guided_min_keywords", "guided_repetition_penalty",
+                                         "guided_no_repeat_ngram_size", "guided_min_description_tokens")}
+
+
+def build_messages(context: dict[str, Any], attempt: int, last_error: str = "", guided: bool = False) -> Messages:
     """Chat messages for one token. Attempt 1 is the normal prompt; later attempts are stricter.
 
     The strict prompt names the previous rejection and ends with an assistant turn holding
-    :data:`PREFILL`, which the chat template continues (``continue_final_message``).
+    :data:`PREFILL`, which the chat template continues (``continue_final_message``). The guided
+    prompt (``guided=True``) is the normal one with :data:`GUIDED_TASK` and the same prefill.
     """
     items = context["items"]
     shown = len(items)
@@ -121,6 +142,9 @@ def build_messages(context: dict[str, Any], attempt: int, last_error: str = "") 
     for n, (title, desc) in enumerate(items, start=1):
         lines.append(f"{n}. {title}" + (f" -- {desc}" if desc else ""))
     listing = "\n".join(lines)
+    if guided:
+        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": listing + "\n\n" + GUIDED_TASK},
+                {"role": "assistant", "content": PREFILL}]
     if attempt <= 1:
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": listing + "\n\n" + TASK}]
     strict = STRICT_TASK.replace("{reason}", last_error or "it was not valid JSON")
@@ -151,13 +175,17 @@ def _sha(obj: Any) -> str:
 
 
 def run_attempts(contexts: Sequence[dict[str, Any]], generate: Callable[[list[Messages]], list[str]],
-                 max_attempts: int) -> list[dict[str, Any]]:
+                 max_attempts: int, guided: Callable[[list[Messages]], list[Any]] | None = None) -> list[dict[str, Any]]:
     """Generate, parse and retry the failures with the strict prompt, up to ``max_attempts`` calls.
 
     Args:
         contexts: request contexts (``request_rows(...)["context"]``, decoded).
         generate: maps a list of chat conversations to their completions (one engine call).
         max_attempts: total attempts per request (>= 1).
+        guided: optional schema-guided engine call (:class:`~tsrec.semantics.guided.GuidedDecoder`
+            results: ``raw``, ``warnings``, ``error``); when given and ``max_attempts >= 2``, it
+            replaces the last attempt, with the guided prompt. A guided ``error`` is the failure
+            reason; its ``warnings`` (``guided decoding`` first) are added to the record's.
 
     Returns:
         One dict per context: ``status`` ok/failed, ``description``, ``keywords``, ``warnings``,
@@ -170,14 +198,22 @@ def run_attempts(contexts: Sequence[dict[str, Any]], generate: Callable[[list[Me
         if not pending:
             break
         last = [history[i][-1]["error"] if history[i] else "" for i in pending]
-        convs = [build_messages(contexts[i], attempt, err) for i, err in zip(pending, last)]
-        completions = generate(convs)
+        use_guided = guided is not None and attempt == max_attempts and attempt > 1
+        convs = [build_messages(contexts[i], attempt, err, guided=use_guided) for i, err in zip(pending, last)]
+        if use_guided:
+            answers = guided(convs)
+            raws, extra, errors = [a.raw for a in answers], [a.warnings for a in answers], [a.error for a in answers]
+        else:
+            raws = [answer_text(conv, c) for conv, c in zip(convs, generate(convs))]
+            extra, errors = [[] for _ in convs], ["" for _ in convs]
         still = []
-        for i, conv, completion in zip(pending, convs, completions):
-            raw = answer_text(conv, completion)
+        for i, conv, raw, more, guided_error in zip(pending, convs, raws, extra, errors):
             base = {"raw": raw, "attempts": attempt, "prompt_hash": prompt_hash(conv), "attempt_errors": history[i]}
             try:
+                if guided_error:
+                    raise AnswerError(guided_error)
                 desc, kws, warns = parse_answer(raw)
+                warns = [*more, *warns]
             except AnswerError as e:
                 history[i] = history[i] + [{"attempt": attempt, "error": str(e), "raw": raw}]
                 out[i] = {**base, "attempt_errors": history[i], "status": "failed", "description": "",
@@ -227,7 +263,7 @@ class HFTeacher:
 
     def __init__(self, model_path: str, max_new_tokens: int = 320, max_attempts: int = 2, temperature: float = 0.0,
                  seed: int = 0, num_threads: int = 1, gguf_file: str | None = None, model_name: str = "",
-                 repetition_penalty: float = 1.0):
+                 repetition_penalty: float = 1.0, guided: dict[str, Any] | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -249,13 +285,25 @@ class HFTeacher:
         self.model.generation_config = self.gen_cfg
         self.max_attempts, self.seed, self.sampling = max_attempts, seed, sampling
         self.model_name = model_name or str(model_path)
+        self.guided = None
+        if guided is not None:
+            from tsrec.semantics.guided import GuidedDecoder
+
+            g = guided
+            self.guided = GuidedDecoder(
+                self.model, self.tok, description_tokens=g["guided_description_tokens"],
+                keyword_tokens=g["guided_keyword_tokens"], max_keywords=g["guided_max_keywords"],
+                min_keywords=g["guided_min_keywords"], repetition_penalty=g["guided_repetition_penalty"],
+                no_repeat_ngram_size=g["guided_no_repeat_ngram_size"],
+                min_description_tokens=g["guided_min_description_tokens"])
 
     @classmethod
     def constructor_kwargs(cls, cfg: TeacherConfig, seed: int, model_path: str, gguf_file: str | None = None,
                            num_threads: int = 1) -> dict[str, Any]:
         return {"model_path": model_path, "max_new_tokens": cfg.max_new_tokens, "max_attempts": cfg.max_attempts,
                 "temperature": cfg.temperature, "seed": seed, "num_threads": num_threads, "gguf_file": gguf_file,
-                "model_name": cfg.model or model_path, "repetition_penalty": cfg.repetition_penalty}
+                "model_name": cfg.model or model_path, "repetition_penalty": cfg.repetition_penalty,
+                "guided": guided_settings(cfg) if cfg.guided else None}
 
     def generate(self, conversations: list[Messages]) -> list[str]:
         """Completions (special tokens removed) for a list of chat conversations."""
@@ -274,9 +322,16 @@ class HFTeacher:
             out = self.model.generate(**enc, generation_config=self.gen_cfg)
         return self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
+    def generate_guided(self, conversations: list[Messages]) -> list[Any]:
+        """Schema-guided answers (``GuidedResult``) for conversations ending with the assistant prefill."""
+        texts = [self.tok.apply_chat_template(conv, tokenize=False, continue_final_message=True)
+                 for conv in conversations]
+        return self.guided(texts)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         contexts = [json.loads(c) for c in batch["context"]]
-        results = run_attempts(contexts, self.generate, self.max_attempts)
+        results = run_attempts(contexts, self.generate, self.max_attempts,
+                               self.generate_guided if self.guided is not None else None)
         return output_batch(batch, results, "hf", self.model_name)
 
 

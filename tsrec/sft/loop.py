@@ -65,6 +65,8 @@ def deepspeed_config(cfg: SftConfig, world_size: int, on_gpu: bool = False) -> d
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if cfg.lora.enabled and cfg.zero_stage == 3:
+        raise ConfigError("sft.lora.enabled: LoRA runs with sft.zero_stage 0 or 2 (its trainable state is small)")
     if cfg.offload_params:
         if cfg.zero_stage != 3:
             raise ConfigError("sft.offload_params: parameter offload needs sft.zero_stage=3")
@@ -116,6 +118,8 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
 
     if not on_gpu:  # skip the ~35 s shm-op JIT build on CPU (STACK.md 2); same losses
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    if on_gpu:
+        torch.cuda.set_device(torch.device(ctx.device))  # DeepSpeed places the engine on the current device
     _ensure_dist_env()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
 
@@ -133,11 +137,13 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
     pack_len = sft.pack_len or sft.cutoff_len
     steps_per_epoch = math.ceil(len(train) / sft.global_batch_size)
     total_steps = sft.max_steps or math.ceil(sft.epochs * steps_per_epoch)
-    decay_steps = math.ceil(sft.epochs * steps_per_epoch)
+    # LR decays to 0 over `epochs` (as the public run: early stopping ends before); a longer max_steps
+    # stretches the horizon so the LR never sits at 0.
+    decay_steps = max(math.ceil(sft.epochs * steps_per_epoch), total_steps)
     if rank == 0:
         print(f"[sft] samples={len(train)} {mix.counts} valid={len(valid)} world={world} micro={sft.micro_batch_size} "
               f"grad_accum={gas} global_batch={sft.global_batch_size} steps/epoch={steps_per_epoch} "
-              f"steps={total_steps} packing={sft.packing} pack_len={pack_len} zero={sft.zero_stage} {sft.precision}",
+              f"steps={total_steps} decay_steps={decay_steps} packing={sft.packing} pack_len={pack_len} zero={sft.zero_stage} {sft.precision}",
               flush=True)
 
     # --- 3. model, LoRA, engine (the engine before resume: DeepSpeed owns the param groups) ---
@@ -150,7 +156,8 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
     if sft.zero_stage == 3:  # partitioned loading (STACK.md 3.2): params are created under zero.Init
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
         keep_alive = HfDeepSpeedConfig(ds_config)
-    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    extra = {"attn_implementation": sft.attn_implementation} if sft.attn_implementation else {}
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **extra)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in lm.parameters())
     if sft.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -5,7 +5,8 @@ Position ids restart at 0 for every sample; with no 2D attention mask, transform
 (``masking_utils.find_packed_sequence_indices``) turns restarting position ids into a block-causal
 mask for sdpa/eager, and flash-attention uses them as varlen boundaries, so attention stays inside each
 sample. Padding at the end of a row is one more "sample" of positions 0..k with no labels, so it is
-never attended to by real tokens. Unpacked batches use the same collate with one sample per row.
+never attended to by real tokens. Unpacked batches (``sft.packing: false``) are length-grouped within
+each step and use the same collate with one sample per row.
 
 Targets are shifted **per sample** (a sample's last token predicts nothing), so the loss of a packed
 batch equals the loss of the same samples unpacked.
@@ -114,10 +115,14 @@ def micro_batches(samples: Sequence[TokenizedSample], num_micro: int, packing: b
                   micro_batch_size: int, pad_id: int) -> list[Batch]:
     """Split one rank's share of an optimiser step into exactly ``num_micro`` collated micro-batches.
 
-    Packed: pack into rows, then deal rows out in contiguous groups. Unpacked: one sample per row,
-    ``micro_batch_size`` rows per group (the last groups may be smaller or empty dummies).
+    Packed: pack into rows, then deal rows out in contiguous groups. Unpacked: length-grouped, one
+    sample per row sorted by length (stable), ``micro_batch_size`` rows per group (the last groups may
+    be smaller or empty dummies). Grouping never changes the step's loss (a token mean over the step).
     """
-    rows = pack_samples(samples, pack_len) if packing else [[s] for s in samples]
+    if packing:
+        rows = pack_samples(samples, pack_len)
+    else:
+        rows = [[s] for s in sorted(samples, key=lambda s: len(s.input_ids))]
     if not packing and len(rows) > num_micro * micro_batch_size:
         raise ValueError(f"{len(rows)} samples do not fit {num_micro} micro-batches of {micro_batch_size}")
     per = -(-len(rows) // num_micro) if rows else 0

@@ -27,7 +27,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -38,6 +37,8 @@ from tsrec import prompts
 from tsrec.artifacts import InputError
 from tsrec.config import Config, SftConfig
 from tsrec.data.schema import read_items, read_split
+from tsrec.semantics.records import read_teacher_file
+from tsrec.semantics.ts_align import ts_align_samples
 from tsrec.sid.index import SidIndex, read_index
 
 # Mixture task name -> config field of ``sft.tasks``. PromptSample.task holds the prompt-template name.
@@ -94,7 +95,7 @@ def build_mixture(cfg: Config, data_dir: str | Path, sids_dir: str | Path, seman
     if cfg.sft.use_ts_align:
         if semantics_file is None or not Path(semantics_file).exists():
             raise InputError(semantics_file or "<none>", "teacher file missing; set sft.use_ts_align=false to train without TS-Align")
-        records = read_teacher_records(semantics_file)
+        records = read_teacher_file(semantics_file)
 
     # --- 2. per-task samples ---
     by_task: dict[str, list[prompts.PromptSample]] = {
@@ -153,41 +154,6 @@ def history_title_samples(rows, titles: dict[int, str], index: SidIndex, mode: s
         sid = _sid(index, target, source, i)
         out.append(prompts.history_to_title([_sid(index, h, source, i) for h in hist], title_of_sid[sid], mode=mode))
     return out
-
-
-def ts_align_samples(records: list[dict], mode: str) -> list[prompts.PromptSample]:
-    """Task 4: TS-Align, two samples per teacher record (token -> description, description -> token).
-
-    Uses ``tsrec.semantics.ts_align.ts_align_samples`` when that module exists (the semantics stage owns
-    the record format); otherwise builds the same two prompts here.
-    """
-    try:
-        from tsrec.semantics.ts_align import ts_align_samples as _shared
-    except ImportError:
-        _shared = None
-    if _shared is not None:
-        return list(_shared(records, mode))
-    out = []
-    for r in records:
-        out.append(prompts.token_to_description(r["token"], r["description"], mode=mode))
-        out.append(prompts.description_to_token(r["description"], r["token"], mode=mode))
-    return out
-
-
-def read_teacher_records(path: str | Path) -> list[dict]:
-    """Read ``[{token, description, keywords}]``; errors name the file, record and field."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(path, f"malformed JSON: {e.msg}", row=e.lineno) from None
-    if not isinstance(raw, list):
-        raise InputError(path, "expected a JSON array of {token, description, keywords} records")
-    for i, r in enumerate(raw):
-        for key in ("token", "description"):
-            if not isinstance(r, dict) or not isinstance(r.get(key), str) or not r.get(key):
-                raise InputError(path, f"record {i}: missing or empty", row=i, field=key)
-    return raw
 
 
 def resample(samples: Sequence, share: float, seed: int) -> list:
