@@ -12,10 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
-INDUSTRIAL = SHARED_DATA / "amazon" / "Industrial_and_Scientific"
-INDUSTRIAL_TEACHER = SHARED_DATA / "tsrec" / "Industrial_and_Scientific" / "Industrial_and_Scientific.description_keywords.json"
+from shared_data import INDUSTRIAL, INDUSTRIAL_TEACHER, REPO, SHARED_DATA, require_shared  # noqa: F401
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,12 +25,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def require_shared(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared data not found: {path}")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +50,8 @@ def ray_cluster(tmp_path_factory):
            *[f"--{k}={v}" for k, v in ports.items()]]  # fmt: skip
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     log = open(tmp_path_factory.mktemp("ray_head") / "head.log", "w")
-    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    # Own process group: teardown signals the head and every process it started, and nothing else.
+    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"127.0.0.1:{ports['port']}"
     deadline = time.time() + 120
     while True:
@@ -76,12 +68,33 @@ def ray_cluster(tmp_path_factory):
         yield {"dashboard_url": f"http://127.0.0.1:{ports['dashboard-port']}", "address": address}
     finally:
         ray.shutdown()
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+        _stop_process_group(head)
         log.close()
+
+
+def _stop_process_group(proc) -> None:
+    """SIGTERM the head's group, SIGKILL what is left after 5 s (a graceful `ray stop` takes ~30 s)."""
+    import signal
+    import subprocess
+    import time
+
+    pgid = os.getpgid(proc.pid)
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)  # raises once no process of the group is left
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ CLUSTERS = [
 
 
 def test_text_cuts():
-    assert cut_at_sentence("Staples hold paper. Tape seals boxes. And then the") == "Staples hold paper. Tape seals boxes."
+    assert cut_at_sentence("Staples hold paper. Tape seals boxes. And then") == "Staples hold paper. Tape seals boxes."
     assert cut_at_sentence("No sentence end at all") == ""
     assert cut_at_sentence("Version 1.5 tools.") == "Version 1.5 tools."  # a decimal point is no sentence end
     assert split_at_quote('glue", "keywords') == ("glue", ', "keywords') and split_at_quote("glue") is None
@@ -46,8 +46,9 @@ def test_run_attempts_guided_is_the_last_attempt():
     assert res[1]["attempts"] == 1 and GUIDED_WARNING not in res[1]["warnings"]
     # with 3 attempts the strict prompt runs in between; a guided error is a failure with that reason
     calls.clear()
-    res = run_attempts(CLUSTERS[:1], lambda c: ["nope"], 3, lambda c: [GuidedResult(good, [], "guided decoding: 1 keyword(s)")])
-    assert res[0]["status"] == "failed" and res[0]["error"] == "guided decoding: 1 keyword(s)" and res[0]["attempts"] == 3
+    reason = "guided decoding: 1 keyword(s)"
+    res = run_attempts(CLUSTERS[:1], lambda c: ["nope"], 3, lambda c: [GuidedResult(good, [], reason)])
+    assert res[0]["status"] == "failed" and res[0]["error"] == reason and res[0]["attempts"] == 3
     assert [e["attempt"] for e in res[0]["attempt_errors"]] == [1, 2, 3]
     # no guided engine, or a single attempt: the old path
     assert GUIDED_WARNING not in run_attempts(CLUSTERS[:1], lambda c: ["nope"], 1, guided)[0]["warnings"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import INDUSTRIAL, INDUSTRIAL_TEACHER, require_shared
+from shared_data import INDUSTRIAL, INDUSTRIAL_TEACHER, require_shared
 from tsrec.config import load_config
 from tsrec.sft.tasks import build_mixture, resample
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import INDUSTRIAL, require_shared
+from shared_data import INDUSTRIAL, require_shared
 
 from tsrec.artifacts import read_manifest, write_parquet
 from tsrec.config import load_config
