@@ -200,5 +200,18 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; decoding and syntax errors become an :class:`InputError` naming file and line."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except UnicodeDecodeError as e:
+        raise InputError(path, f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(path, f"malformed JSON: {e.msg}", row=e.lineno) from None
+
+
 def is_complete(out_dir: str | Path) -> bool:
     return (Path(out_dir) / MANIFEST).exists()

@@ -11,12 +11,11 @@ with :func:`write_teacher_file`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tsrec.artifacts import InputError, atomic_write_json
+from tsrec.artifacts import InputError, atomic_write_json, read_json
 from tsrec.sid.index import TOKEN_RE
 
 # The contract for tsrec-generated files (METHOD.md 1.4): outside these ranges a record is kept but
@@ -38,12 +37,7 @@ def read_teacher_file(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise InputError(path, "teacher file not found")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise InputError(path, f"not UTF-8 ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise InputError(path, f"malformed JSON: {e.msg}", row=e.lineno) from None
+    raw = read_json(path)
     if not isinstance(raw, list):
         raise InputError(path, f"expected a JSON array of records, got {type(raw).__name__}")
     records: list[dict[str, Any]] = []

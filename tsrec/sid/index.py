@@ -8,13 +8,12 @@ A SID is a tuple of level tokens, written ``<a_12><b_3><c_200>`` with no separat
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tsrec.artifacts import InputError
+from tsrec.artifacts import InputError, read_json
 
 LEVEL_PREFIXES = "abcde"
 TOKEN_RE = re.compile(r"<([a-e])_(\d+)>")
@@ -90,12 +89,7 @@ def read_index(path: str | Path) -> SidIndex:
         if not found:
             raise InputError(path, "no index.json or *.index.json in this folder")
         path = found[0]
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise InputError(path, f"not UTF-8 ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise InputError(path, f"malformed JSON: {e.msg}", row=e.lineno) from None
+    raw = read_json(path)
     if not isinstance(raw, Mapping) or not raw:
         raise InputError(path, "expected a non-empty JSON object item_id -> [tokens]")
     items: dict[int, list[str]] = {}
