@@ -67,7 +67,8 @@ GUIDED_TASK = (
     "Answer with a JSON object with exactly two keys:\n"
     '"description": one paragraph of about 80 words on what the products have in common, starting with '
     '"This product family";\n'
-    '"keywords": a list of about 20 short keyphrases (one to four words each) naming product types, uses and features.\n'
+    '"keywords": a list of about 20 short keyphrases (one to four words each) naming product types, uses and '
+    'features.\n'
     "Do not list the products one by one and do not mention identifiers or item numbers."
 )
 
@@ -175,7 +176,8 @@ def _sha(obj: Any) -> str:
 
 
 def run_attempts(contexts: Sequence[dict[str, Any]], generate: Callable[[list[Messages]], list[str]],
-                 max_attempts: int, guided: Callable[[list[Messages]], list[Any]] | None = None) -> list[dict[str, Any]]:
+                 max_attempts: int,
+                 guided: Callable[[list[Messages]], list[Any]] | None = None) -> list[dict[str, Any]]:
     """Generate, parse and retry the failures with the strict prompt, up to ``max_attempts`` calls.
 
     Args:
