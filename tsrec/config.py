@@ -138,6 +138,8 @@ class TeacherConfig:
     # hf: the last attempt (when max_attempts >= 2) is schema-guided: the model writes the description
     # and each keyphrase, the decoder holds the JSON shape (tsrec/semantics/guided.py).
     guided: bool = True
+    # Guided from the first attempt: skips free-form answers that a small teacher never gets right.
+    guided_first: bool = False
     guided_description_tokens: int = 120
     guided_keyword_tokens: int = 8
     guided_max_keywords: int = 20

@@ -26,8 +26,10 @@ def test_pipeline_end_to_end(ray_cluster, tmp_path):
             "data.synthetic.n_categories=4",
             "sid.codebook_size=4",
             "sid.collision=extra_level",  # 4-token SIDs <a><b><c><d> through every stage
-            "teacher.max_new_tokens=48",
             "teacher.max_items_per_prompt=6",
+            "teacher.limit=4",  # 4 tokens through the real SmolLM2 teacher; the rest keep the default init
+            "teacher.guided_description_tokens=48",
+            "teacher.guided_max_keywords=6",
             "sft.max_steps=12",
             "sft.eval_every_steps=6",
             "sft.save_every_steps=6",

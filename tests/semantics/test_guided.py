@@ -53,6 +53,14 @@ def test_run_attempts_guided_is_the_last_attempt():
     # no guided engine, or a single attempt: the old path
     assert GUIDED_WARNING not in run_attempts(CLUSTERS[:1], lambda c: ["nope"], 1, guided)[0]["warnings"]
     assert [c[0] for c in calls] == []
+    # guided_first: every attempt is guided, a single attempt included; the free-form engine never runs
+    def guided_all(convs):
+        calls.append(("guided", convs))
+        return [GuidedResult(good, [GUIDED_WARNING]) for _ in convs]
+
+    res = run_attempts(CLUSTERS, generate, 1, guided_all, guided_first=True)
+    assert [c[0] for c in calls] == ["guided"] and len(calls[0][1]) == len(CLUSTERS)
+    assert all(r["status"] == "ok" and r["attempts"] == 1 for r in res)
 
 
 def test_guided_hash_and_config():

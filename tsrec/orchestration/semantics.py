@@ -157,13 +157,17 @@ def _run_hf(cfg: Config, pending: list[dict[str, Any]], model_path: str, gguf: s
 
     _ensure_ray(cfg)
     res, bs = cfg.resources.teacher, max(1, cfg.teacher.batch_size)
-    ds = ray.data.from_items(pending, override_num_blocks=math.ceil(len(pending) / bs))  # one block = one batch
+    # One block = one batch (a part file on the driver), and at least one block per actor so a short
+    # request list (a smoke run, a resumed tail) still keeps every actor busy.
+    actors = max(1, cfg.teacher.concurrency)
+    blocks = max(math.ceil(len(pending) / bs), min(len(pending), actors))
+    ds = ray.data.from_items(pending, override_num_blocks=blocks)
     ds = ds.map_batches(
         HFTeacher,
         fn_constructor_kwargs=HFTeacher.constructor_kwargs(cfg.teacher, cfg.run.seed, model_path, gguf,
                                                            num_threads=max(1, int(res.cpus_per_worker))),
         batch_size=bs,
-        compute=ray.data.ActorPoolStrategy(size=max(1, cfg.teacher.concurrency)),
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=res.cpus_per_worker,
         num_gpus=res.gpus_per_worker or None,
         batch_format="numpy",

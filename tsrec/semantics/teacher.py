@@ -122,7 +122,7 @@ def request_rows(clusters: Sequence[TokenCluster], titles: dict[int, str], descr
 
 def guided_settings(cfg: TeacherConfig) -> dict[str, Any]:
     """The ``teacher.guided_*`` settings (part of the hf request hash when ``teacher.guided``)."""
-    return {k: getattr(cfg, k) for k in ("guided_description_tokens", "guided_keyword_tokens", "guided_max_keywords",
+    return {k: getattr(cfg, k) for k in ("guided_first", "guided_description_tokens", "guided_keyword_tokens", "guided_max_keywords",
                                          "guided_min_keywords", "guided_repetition_penalty",
                                          "guided_no_repeat_ngram_size", "guided_min_description_tokens")}
 
@@ -177,7 +177,8 @@ def _sha(obj: Any) -> str:
 
 def run_attempts(contexts: Sequence[dict[str, Any]], generate: Callable[[list[Messages]], list[str]],
                  max_attempts: int,
-                 guided: Callable[[list[Messages]], list[Any]] | None = None) -> list[dict[str, Any]]:
+                 guided: Callable[[list[Messages]], list[Any]] | None = None,
+                 guided_first: bool = False) -> list[dict[str, Any]]:
     """Generate, parse and retry the failures with the strict prompt, up to ``max_attempts`` calls.
 
     Args:
@@ -188,6 +189,7 @@ def run_attempts(contexts: Sequence[dict[str, Any]], generate: Callable[[list[Me
             results: ``raw``, ``warnings``, ``error``); when given and ``max_attempts >= 2``, it
             replaces the last attempt, with the guided prompt. A guided ``error`` is the failure
             reason; its ``warnings`` (``guided decoding`` first) are added to the record's.
+        guided_first: every attempt is guided (small teachers whose free-form answers never parse).
 
     Returns:
         One dict per context: ``status`` ok/failed, ``description``, ``keywords``, ``warnings``,
@@ -200,7 +202,7 @@ def run_attempts(contexts: Sequence[dict[str, Any]], generate: Callable[[list[Me
         if not pending:
             break
         last = [history[i][-1]["error"] if history[i] else "" for i in pending]
-        use_guided = guided is not None and attempt == max_attempts and attempt > 1
+        use_guided = guided is not None and (guided_first or (attempt == max_attempts and attempt > 1))
         convs = [build_messages(contexts[i], attempt, err, guided=use_guided) for i, err in zip(pending, last)]
         if use_guided:
             answers = guided(convs)
@@ -286,6 +288,7 @@ class HFTeacher:
             eos_token_id=self.tok.eos_token_id, bos_token_id=self.tok.bos_token_id)
         self.model.generation_config = self.gen_cfg
         self.max_attempts, self.seed, self.sampling = max_attempts, seed, sampling
+        self.guided_first = bool(guided and guided.get("guided_first"))
         self.model_name = model_name or str(model_path)
         self.guided = None
         if guided is not None:
@@ -333,7 +336,7 @@ class HFTeacher:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         contexts = [json.loads(c) for c in batch["context"]]
         results = run_attempts(contexts, self.generate, self.max_attempts,
-                               self.generate_guided if self.guided is not None else None)
+                               self.generate_guided if self.guided is not None else None, self.guided_first)
         return output_batch(batch, results, "hf", self.model_name)
 
 
