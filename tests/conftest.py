@@ -48,7 +48,10 @@ def ray_cluster(tmp_path_factory):
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=4",
            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats",
            *[f"--{k}={v}" for k, v in ports.items()]]  # fmt: skip
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    # Jobs run `python ...` from the head's PATH: make that this interpreter (the venv), as a cluster
+    # image would, even when the tests were started as `.venv/bin/python -m pytest` without activation.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     log = open(tmp_path_factory.mktemp("ray_head") / "head.log", "w")
     # Own process group: teardown signals the head and every process it started, and nothing else.
     head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
