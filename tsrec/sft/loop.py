@@ -231,7 +231,8 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
                     if rank == 0:
                         print(f"[sft] early stop at step {step}: no improvement in {state['bad_evals']} evals", flush=True)
         state["step"] = step
-        if (step + 1) % sft.log_every_steps == 0 or "eval/loss" in row or last:
+        logged = (step + 1) % sft.log_every_steps == 0 or "eval/loss" in row or last
+        if logged:
             rows.append(row)
             if rank == 0:
                 print("[sft] " + " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
@@ -241,7 +242,8 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
             with tempfile.TemporaryDirectory(prefix="tsrec-sft-ckpt-") as d:
                 ckpt.save_checkpoint(engine, Path(d), state, rank, rows)
                 ctx.report(step, row, checkpoint_dir=Path(d))
-        else:
+        elif logged:
+            # A Ray Train report is a round trip to the controller: only logged steps pay for it.
             ctx.report(step, row)
         _maybe_fail(sft, step, rank, world)
 
