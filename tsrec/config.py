@@ -276,7 +276,7 @@ class ResourcesConfig:
 @dataclass
 class PipelineConfig:
     # Stages `tsrec run` executes, in order.
-    stages: list[str] = field(default_factory=lambda: ["data", "sid"])
+    stages: list[str] = field(default_factory=lambda: ["data", "sid", "semantics", "model", "sft", "eval"])
 
 
 @dataclass
