@@ -27,6 +27,14 @@ HISTORIES = [
 ]
 
 
+def assert_matches_exhaustive(model, prompt, cons, out, b):
+    """Row ``b`` of ``out`` ranks every catalogue SID exactly as exhaustive scoring does."""
+    truth = exhaustive_scores(model, prompt, cons)
+    order = torch.argsort(truth, descending=True, stable=True)
+    assert out.sid_index[b].tolist() == order.tolist()
+    torch.testing.assert_close(out.scores[b], truth[order], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("levels", [3, 4])
 def test_top_k_equals_exhaustive_scoring(sid_model, make_catalogue, levels):
     model, tok = sid_model
@@ -36,10 +44,7 @@ def test_top_k_equals_exhaustive_scoring(sid_model, make_catalogue, levels):
     raw, ids, mask = _prompt_batch(tok, HISTORIES)
     out = constrained_beam_search(model, ids, mask, cons, cons.num_sids)
     for b, prompt in enumerate(raw):
-        truth = exhaustive_scores(model, prompt, cons)
-        order = torch.argsort(truth, descending=True, stable=True)
-        assert out.sid_index[b].tolist() == order.tolist()
-        torch.testing.assert_close(out.scores[b], truth[order], atol=1e-4, rtol=0)
+        assert_matches_exhaustive(model, prompt, cons, out, b)
         # score = sum of the per-level token log-probs; every returned SID is distinct and valid
         torch.testing.assert_close(out.token_logprobs[b].sum(-1), out.scores[b])
         assert len(set(out.sid_index[b].tolist())) == cons.num_sids
@@ -144,7 +149,4 @@ def test_other_causal_lms_match_exhaustive_scoring(arch):
     ids, mask = left_pad(raw, 0)
     out = constrained_beam_search(model, ids, mask, cons, cons.num_sids)
     for b, prompt in enumerate(raw):
-        truth = exhaustive_scores(model, prompt, cons)
-        order = torch.argsort(truth, descending=True, stable=True)
-        assert out.sid_index[b].tolist() == order.tolist()
-        torch.testing.assert_close(out.scores[b], truth[order], atol=1e-4, rtol=0)
+        assert_matches_exhaustive(model, prompt, cons, out, b)

@@ -155,7 +155,9 @@ def _run_hf(cfg: Config, pending: list[dict[str, Any]], model_path: str, gguf: s
 
     from tsrec.semantics.teacher import HFTeacher
 
-    _ensure_ray(cfg)
+    from tsrec.orchestration.cluster import ensure_ray  # lazy: the file engine never imports ray
+
+    ensure_ray(cfg)
     res, bs = cfg.resources.teacher, max(1, cfg.teacher.batch_size)
     # One block = one batch (a part file on the driver), and at least one block per actor so a short
     # request list (a smoke run, a resumed tail) still keeps every actor busy.
@@ -180,7 +182,9 @@ def _run_vllm(cfg: Config, pending: list[dict[str, Any]], model_path: str, parts
     """ray.data.llm + vLLM. Rows the postprocess marks ``retry`` go round again with the strict prompt."""
     import ray
 
-    _ensure_ray(cfg)
+    from tsrec.orchestration.cluster import ensure_ray  # lazy: the file engine never imports ray
+
+    ensure_ray(cfg)
     if ray.cluster_resources().get("GPU", 0) < 1:
         raise RuntimeError("teacher.engine=vllm needs GPUs in the Ray cluster (ray.data.llm waits forever for one "
                            "on CPU, STACK.md 5.2); use teacher.engine=hf on CPU")
@@ -208,12 +212,6 @@ def build_vllm_processor(cfg: Config, model_path: str):
                                                            concurrency=max(1, cfg.teacher.concurrency)))
     return build_processor(vLLMEngineProcessorConfig(**teacher.processor_config_kwargs()),
                            preprocess=teacher.preprocess, postprocess=teacher.postprocess)
-
-
-def _ensure_ray(cfg: Config) -> None:
-    from tsrec.orchestration.cluster import ensure_ray
-
-    ensure_ray(cfg)
 
 
 # --------------------------------------------------------------------------------------------------
