@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import INDUSTRIAL, INDUSTRIAL_TEACHER, require_shared
+from shared_data import INDUSTRIAL, INDUSTRIAL_TEACHER, require_shared
 from tsrec.cli import main
 from tsrec.config import load_config
 from tsrec.model import init_model
@@ -153,3 +153,35 @@ def test_default_backbone_smollm2(industrial_semantics, tmp_path):
     v = E.astype(np.float64)[tok(" ".join(rec["keywords"]), add_special_tokens=False)["input_ids"]].mean(0)
     # the first record's row points along the mean keyword embedding (its scale depends on the resized rows)
     assert np.allclose(row / np.linalg.norm(row), v / np.linalg.norm(v), atol=1e-5)
+
+
+def test_tiny_tokenizer_trained_on_catalogue_titles(tmp_path):
+    """model.tiny_tokenizer_titles reads the titles of the items file named in the SID manifest: a title
+    then costs far fewer tokens; the tiny size keys reach the model; a missing items file is an InputError."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tsrec.artifacts import InputError, write_manifest
+
+    titles = [f"Gorilla GO{100 + i}X Waterproof Epoxy Super Glue Gel, 20 Gram (Pack of {i % 4 + 1})" for i in range(12)]
+    items = tmp_path / "data" / "items.parquet"
+    items.parent.mkdir()
+    pq.write_table(pa.table({"item_id": list(range(12)), "title": titles}), items)
+    sids = tmp_path / "sids"
+    sids.mkdir()
+    (sids / "index.json").write_text(json.dumps({str(i): [f"<a_{i % 3}>", f"<b_{i}>"] for i in range(12)}))
+    write_manifest(sids, "sid", {}, inputs={"items": items})
+    cfg = load_config(overrides=["model.tiny=true", "sa_init.depth=0", "model.tiny_tokenizer_titles=true",
+                                 "model.tiny_vocab_size=1024", "model.tiny_hidden_size=32", "model.tiny_layers=3"])
+    init_model(cfg, sids, None, tmp_path / "titled")
+    plain = load_config(overrides=["model.tiny=true", "sa_init.depth=0"])
+    init_model(plain, sids, None, tmp_path / "plain")
+    n_titled = len(AutoTokenizer.from_pretrained(tmp_path / "titled")(titles[0])["input_ids"])
+    n_plain = len(AutoTokenizer.from_pretrained(tmp_path / "plain")(titles[0])["input_ids"])
+    assert 2 * n_titled <= n_plain, (n_titled, n_plain)  # measured: 22 vs 56 tokens
+    config = json.loads((tmp_path / "titled" / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (32, 3)
+
+    items.unlink()
+    with pytest.raises(InputError, match="tiny_tokenizer_titles"):
+        init_model(cfg, sids, None, tmp_path / "missing")

@@ -7,8 +7,11 @@ inside each subcommand, so ``tsrec --help`` is fast and core stages never import
     tsrec semantics extract --sids runs/ind/sids --data runs/ind/data --out runs/ind/semantics --engine hf
     tsrec model init --backbone PATH --sids runs/ind/sids --semantics FILE --depth 3 --out runs/ind/model
     tsrec sft --config configs/demo.yaml
+    tsrec rl --config configs/demo.yaml
     tsrec eval --model DIR --data DIR --sids DIR --split test --beams 20 --out DIR
     tsrec run --config configs/demo.yaml
+    tsrec report runs/demo
+    tsrec tune --config configs/sweeps/demo.yaml
 """
 
 from __future__ import annotations
@@ -93,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="default: <run.out_dir>/sft")
     _common(p)
 
+    p = sub.add_parser("rl", help="RL (GRPO) from an SFT model on Ray Train + DeepSpeed")
+    p.add_argument("--model", help="SFT model folder (default: <run.out_dir>/sft/model)")
+    p.add_argument("--data", help="default: <run.out_dir>/data")
+    p.add_argument("--sids", help="default: <run.out_dir>/sids")
+    p.add_argument("--semantics", help="teacher file for the semantic reward (default: <run.out_dir>/semantics/description_keywords.json)")
+    p.add_argument("--out", help="default: <run.out_dir>/rl")
+    _common(p)
+
     p = sub.add_parser("eval", help="constrained beam search evaluation: HR@K, NDCG@K")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
@@ -105,7 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the pipeline's stages (pipeline.stages) on a local or remote Ray")
     p.add_argument("--out-root", dest="out_root", help="run.out_dir")
     p.add_argument("--force", action="store_true", help="rerun stages whose outputs are complete")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own progress and INFO lines on the console (default: <run.out_dir>/logs/ray.log)")
     _common(p)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep (the config's tune: section), each trial an SFT TorchTrainer")
+    _common(p)
+
+    p = sub.add_parser("report", help="(re)write <RUN_DIR>/report.md and report.html from a run folder")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a `tsrec run` output folder (run.out_dir)")
+
+    from tsrec.plan.cli import add_parser as add_plan_parser  # light: DeepSpeed is imported only when planning
+
+    add_plan_parser(sub)
     return parser
 
 
@@ -135,6 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
         os.environ["DS_ACCELERATOR"] = "cpu"
     try:
+        if args.stage == "report":  # reads a run folder only: no config
+            from tsrec.report import console_summary, write_report
+
+            write_report(args.run_dir)
+            print(console_summary(args.run_dir))
+            return 0
+        if args.stage == "plan":  # reads a backbone's config.json only: no config, no weights
+            from tsrec.plan.cli import run as run_plan
+
+            return run_plan(args)
         cfg = resolve_config(args)
         result = dispatch(args, cfg)
     except (ConfigError, InputError) as e:
@@ -180,6 +213,17 @@ def dispatch(args: argparse.Namespace, cfg: Config):
             semantics_file=_default(args.semantics, cfg, "semantics/description_keywords.json"),
             out_dir=_default(args.out, cfg, "sft"),
         )
+    if stage == "rl":
+        from tsrec.orchestration.rl import run_rl
+
+        return run_rl(
+            cfg,
+            model_dir=_default(args.model, cfg, "sft/model"),
+            data_dir=_default(args.data, cfg, "data"),
+            sids_dir=_default(args.sids, cfg, "sids"),
+            semantics_file=_default(args.semantics, cfg, "semantics/description_keywords.json"),
+            out_dir=_default(args.out, cfg, "rl"),
+        )
     if stage == "eval":
         from tsrec.orchestration.evaluate import run_eval
 
@@ -187,7 +231,17 @@ def dispatch(args: argparse.Namespace, cfg: Config):
     if stage == "run":
         from tsrec.orchestration.pipeline import run_pipeline
 
-        return run_pipeline(cfg, force=args.force)
+        run_pipeline(cfg, force=args.force, verbose=args.verbose)  # ends with the summary and report path
+        return None  # the full stats are in <run.out_dir>/pipeline.json
+    if stage == "tune":
+        from tsrec.orchestration.tune import run_tune
+
+        from tsrec.tune.space import TuneResourceError
+
+        try:
+            return run_tune(cfg)  # prints the results table; reruns of the same command resume the sweep
+        except TuneResourceError as e:  # a config fix (fewer trials at once, smaller trials): same exit as ConfigError
+            raise ConfigError(str(e)) from e
     raise AssertionError(f"unhandled command {stage} {verb}")  # pragma: no cover
 
 

@@ -133,13 +133,27 @@ class TeacherConfig:
     max_model_len: int = 4096
     # Limit the number of tokens extracted (0 = all); for smoke runs.
     limit: int = 0
-    # Resume: a rerun requests failed tokens again (true) or keeps their reported failure (false).
-    retry_failed: bool = True
+    # Resume: failed tokens of an unchanged request are requested again only if that can change the answer
+    # (true: only when sampling, temperature > 0; a greedy failure would repeat), always ("force"), or never (false).
+    retry_failed: bool | Literal["force"] = True
+    # vllm: Ray accelerator type of the engine actors (e.g. "H100"; "" = any) and a Ray runtime_env dict for them.
+    accelerator_type: str = ""
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    # Quality contract (METHOD.md 1.4): a record outside these limits is `failed` with the reason and retried.
+    # The file engine imports authors' files as they are (violations are warnings there).
+    min_description_words: int = 55
+    max_description_words: int = 120
+    min_keywords: int = 15
+    max_keywords: int = 26
+    max_keyword_words: int = 6
+    # A description holding a run of this many words of the instruction copies it (0 = off).
+    instruction_copy_words: int = 6
     # hf: the last attempt (when max_attempts >= 2) is schema-guided: the model writes the description
     # and each keyphrase, the decoder holds the JSON shape (tsrec/semantics/guided.py).
     guided: bool = True
     # Guided from the first attempt: skips free-form answers that a small teacher never gets right.
-    guided_first: bool = False
+    # null = auto: guided first for the default teacher (teacher.model empty, SmolLM2-135M), free-form first otherwise.
+    guided_first: bool | None = None
     guided_description_tokens: int = 120
     guided_keyword_tokens: int = 8
     guided_max_keywords: int = 20
@@ -167,6 +181,13 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Build a tiny random Qwen2 from a config instead of loading weights (tests, CPU demo).
     tiny: bool = False
+    # Tiny model only: size of the random Qwen2 and of its byte-level BPE vocabulary.
+    tiny_hidden_size: int = 64
+    tiny_layers: int = 2
+    tiny_vocab_size: int = 512
+    # Tiny model only: also train the tokenizer on the catalogue's titles (the items file the SIDs were
+    # built from), so a title costs ~19 tokens instead of ~57 and does not dominate the SFT loss.
+    tiny_tokenizer_titles: bool = False
     # Rows created by the embedding resize: transformers' mean resizing (as the public code, METHOD.md
     # 1.3) or the model's own random init.
     mean_resizing: bool = True
@@ -180,7 +201,9 @@ class PromptConfig:
 
 @dataclass
 class TaskWeight:
-    # Sampling share of the task in the mixture (relative); loss weight multiplies its token loss.
+    # share: a multiplier on the task's natural size (its sample count), not a fraction of the mixture:
+    # 1.0 = every sample once, 0.5 = a seeded half, 2.5 = twice plus a seeded half, 0 = off; >= 0.
+    # loss_weight multiplies the task's per-token loss.
     share: float = 1.0
     loss_weight: float = 1.0
 
@@ -241,6 +264,82 @@ class SftConfig:
     # only the first attempt dies). Leave at the defaults in real configs.
     fail_at_step: int = -1
     fail_marker: str = ""
+    # Valid ranking metric at every evaluation step (eval/ndcg@10, eval/hr@10, ...): the constrained decoder
+    # on this many seeded valid rows (0 = off; `tsrec tune` turns it on from tune.valid_sample_size).
+    valid_ranking_sample: int = 0
+    valid_ranking_beams: int = 10
+
+
+@dataclass
+class RlConfig:
+    """RL stage (GRPO, METHOD.md 1.7 and 3.2). Defaults are the public `rl.sh` values unless noted."""
+
+    # RL tasks (tsrec/rl/data.py): sid_history, title, description, title_history.
+    tasks: list[Literal["sid_history", "title", "description", "title_history"]] = field(
+        default_factory=lambda: ["sid_history", "title", "description", "title_history"])
+    # title_history: train rows drawn as pandas sample(n, random_state=seed) (0 = every row).
+    title_history_rows: int = 10000
+    title_history_seed: int = 0
+    # G: completions per prompt (beam width of the rollout = group size).
+    group_size: int = 16
+    # Prompts per optimiser step over all workers (upstream 64 = 1,024 completions) and per micro-batch
+    # per worker (upstream 4 = 64 completions); gradient accumulation is derived from the world size.
+    prompts_per_step: int = 64
+    prompts_per_micro: int = 4
+    # ranking (upstream rule + rank penalty), semantic (token-level, tsrec/rl/core_algos.py) or both.
+    reward: Literal["ranking", "semantic", "ranking+semantic"] = "ranking"
+    rule_weight: float = 1.0
+    rank_weight: float = 1.0
+    # Scale of the per-token semantic advantage in ranking+semantic.
+    semantic_weight: float = 1.0
+    # Token similarity for the semantic reward: keyword-set Jaccard, or cosine of embedded descriptions.
+    semantic_similarity: Literal["jaccard", "embedding"] = "jaccard"
+    # Advantage: (R - mean) / (unbiased std + adv_eps).
+    adv_eps: float = 1e-4
+    # k3 KL coefficient to the reference model.
+    beta: float = 1e-3
+    # Reference sync (TRL SyncRefModelCallback): every N optimiser steps ref <- (1-alpha) ref + alpha policy.
+    sync_ref: bool = True
+    ref_sync_every_steps: int = 512
+    ref_sync_alpha: float = 0.6
+    # Policy updates per rollout; > 1 uses the clipped PPO ratio with clip_eps (upstream: 1, no clip).
+    updates_per_rollout: int = 1
+    clip_eps: float = 0.2
+    # Rollout: constrained beam search (upstream) or constrained sampling at `temperature`.
+    rollout: Literal["beam", "sample"] = "beam"
+    temperature: float = 1.0
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_clip: float = 0.3
+    epochs: float = 2.0
+    max_steps: int = 0
+    # Guards (R7): valid HR/NDCG@{3,5,10} with the eval decoder every N steps on a fixed valid sample;
+    # the best-on-valid checkpoint is exported.
+    eval_every_steps: int = 100
+    valid_sample_size: int = 512
+    eval_beams: int = 20
+    save_every_steps: int = 100
+    # Stop (DegenerateRolloutError) when all rewards of a step are equal for N consecutive steps (0 = off)
+    # or when more than max_invalid_sids rollout SIDs are not catalogue SIDs.
+    guard_equal_reward_steps: int = 20
+    max_invalid_sids: int = 0
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # Ray Train: local path or cloud URI for checkpoints; empty = <run.out_dir>/ray.
+    storage_path: str = ""
+    max_failures: int = 2
+    log_every_steps: int = 1
+    attn_implementation: str = ""
+    # Testing hook for the fault test (as sft.fail_at_step): the last rank SIGKILLs itself after step
+    # `fail_at_step` (-1 = never) unless the file `fail_marker` exists (created first: one death only).
+    fail_at_step: int = -1
+    fail_marker: str = ""
 
 
 @dataclass
@@ -251,9 +350,13 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20])
     # 0 = all rows.
     max_rows: int = 0
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # "auto": bfloat16 on CUDA (the public evaluation's precision), float32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # "auto": cuda when the process sees a GPU, else cpu; or an explicit torch device string.
     device: str = "auto"
+    # Score "\n" + EOS after the SID like the public trie (METHOD.md 1.8). None = on in
+    # prompts.mode=upstream, off in canonical; true in canonical mode is an error.
+    score_suffix: bool | None = None
 
 
 @dataclass
@@ -264,19 +367,72 @@ class StageResources:
 
 
 @dataclass
+class EvalResources(StageResources):
+    # None = 1 GPU per actor when the Ray cluster has GPUs, else 0 (and the actor runs on CPU): Ray 2.60
+    # leaves CUDA_VISIBLE_DEVICES alone for zero-GPU actors, which would all share cuda:0.
+    gpus_per_worker: float | None = None
+
+
+@dataclass
 class ResourcesConfig:
     # Only the orchestration layer reads this section.
     ray_address: str = ""
     embed: StageResources = field(default_factory=StageResources)
     teacher: StageResources = field(default_factory=lambda: StageResources(workers=2))
     sft: StageResources = field(default_factory=lambda: StageResources(workers=2))
-    eval: StageResources = field(default_factory=StageResources)
+    rl: StageResources = field(default_factory=lambda: StageResources(workers=2))
+    eval: EvalResources = field(default_factory=EvalResources)
 
 
 @dataclass
 class PipelineConfig:
     # Stages `tsrec run` executes, in order.
     stages: list[str] = field(default_factory=lambda: ["data", "sid", "semantics", "model", "sft", "eval"])
+
+
+@dataclass
+class TuneSchedulerConfig:
+    # asha: early stopping on `tune.metric` (ASHA); fifo: every trial runs to the end.
+    type: Literal["asha", "fifo"] = "asha"
+    # In SFT optimiser steps (the reported `steps`): no trial is stopped before grace_period steps.
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    # 0 = sft.max_steps of the base config.
+    max_t: int = 0
+
+
+@dataclass
+class TuneResourcesConfig:
+    # Per trial: a Ray Train group of `workers`, plus the trial's driver function (a small CPU share, STACK.md 4).
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    driver_cpus: float = 0.05
+
+
+@dataclass
+class TuneConfig:
+    """``tsrec tune`` (tsrec/orchestration/tune.py): a sweep over config keys; ignored by every other command."""
+
+    # Dotted config key -> {grid: [...]} | {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]}.
+    space: dict[str, Any] = field(default_factory=dict)
+    # grid: every space entry is a grid; random: grids are crossed, the rest sampled num_samples times;
+    # optuna: Ray Tune's OptunaSearch (needs the optuna package).
+    search: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = 1
+    # 0 = as many trials at once as the cluster fits.
+    max_concurrent_trials: int = 0
+    resources: TuneResourcesConfig = field(default_factory=TuneResourcesConfig)
+    metric: str = "valid_ndcg@10"
+    mode: Literal["max", "min"] = "max"
+    scheduler: TuneSchedulerConfig = field(default_factory=TuneSchedulerConfig)
+    # Seeded valid rows decoded at every evaluation step for the metric (sets sft.valid_ranking_sample).
+    valid_sample_size: int = 64
+    # Copy the best trial's model to <out>/<dir>/best_model; evaluate it on test (eval.* settings).
+    export_best: bool = True
+    eval_test: bool = False
+    # Sweep folder under run.out_dir.
+    dir: str = "tune"
 
 
 @dataclass
@@ -290,9 +446,11 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     sft: SftConfig = field(default_factory=SftConfig)
+    rl: RlConfig = field(default_factory=RlConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -419,6 +577,10 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
         return str(value)
+    if origin is dict:  # a free-form mapping (e.g. teacher.runtime_env), passed through as given
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
     raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover - schema bug
 
 

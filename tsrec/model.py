@@ -67,7 +67,7 @@ def init_model(cfg: Config, sids_dir: Path, semantics_file: Path | None, out_dir
         records = read_teacher_file(semantics_file)
 
     # --- 1. backbone ---
-    tok, model, backbone_name = _load_backbone(cfg)
+    tok, model, backbone_name = _load_backbone(cfg, sids_dir)
     vocab_before = len(tok)
     rows_before = model.get_input_embeddings().weight.shape[0]
 
@@ -135,7 +135,7 @@ def init_model(cfg: Config, sids_dir: Path, semantics_file: Path | None, out_dir
     return {"out_dir": str(out_dir), **stats}
 
 
-def _load_backbone(cfg: Config):
+def _load_backbone(cfg: Config, sids_dir: Path | None = None):
     """(tokenizer, model, name) for ``cfg.model``: tiny random Qwen2, a HF folder or a GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -143,8 +143,11 @@ def _load_backbone(cfg: Config):
     if cfg.model.tiny:
         from tsrec.tiny import build_tiny_model, build_tiny_tokenizer
 
-        tok = build_tiny_tokenizer()
-        return tok, build_tiny_model(len(tok), seed=cfg.run.seed).to(dtype), "tiny-qwen2"
+        m = cfg.model
+        texts = _catalogue_titles(sids_dir) if m.tiny_tokenizer_titles else []
+        tok = build_tiny_tokenizer(texts, vocab_size=m.tiny_vocab_size)
+        model = build_tiny_model(len(tok), hidden_size=m.tiny_hidden_size, layers=m.tiny_layers, seed=cfg.run.seed)
+        return tok, model.to(dtype), "tiny-qwen2"
     from tsrec.pretrained import resolve_causal_lm
 
     folder, gguf = resolve_causal_lm(cfg.model.backbone)
@@ -168,6 +171,27 @@ def _load_backbone(cfg: Config):
         plain.load_state_dict(model.state_dict())
         model = plain
     return tok, model, str(path / gguf) if gguf else str(path)
+
+
+def _catalogue_titles(sids_dir: Path | None) -> list[str]:
+    """Item titles of the items file the SIDs were built from (``inputs.items`` of the SID manifest).
+
+    The tiny tokenizer trains on them (``model.tiny_tokenizer_titles``) so that titles are a few
+    tokens, as they would be for a real pretrained tokenizer.
+    """
+    import pyarrow.parquet as pq
+
+    from tsrec.artifacts import read_manifest
+
+    folder = None if sids_dir is None else (sids_dir if sids_dir.is_dir() else sids_dir.parent)
+    manifest = read_manifest(folder) if folder is not None and (folder / "manifest.json").exists() else None
+    items = ((manifest or {}).get("inputs") or {}).get("items") or {}
+    path = Path(items["path"]) if isinstance(items, dict) and items.get("path") else None
+    if path is None or not path.exists():
+        raise InputError(folder or "<no sids folder>",
+                         "model.tiny_tokenizer_titles needs the SID folder's manifest to name an existing items file "
+                         "(inputs.items.path); set model.tiny_tokenizer_titles=false")
+    return [str(t) for t in pq.read_table(path, columns=["title"]).column("title").to_pylist()]
 
 
 def _is_tied(model) -> bool:

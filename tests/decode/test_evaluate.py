@@ -8,13 +8,26 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from tsrec import prompts
 from tsrec.artifacts import InputError, atomic_write_json
 from tsrec.cli import main
 from tsrec.config import load_config
 from tsrec.data.schema import ITEMS_SCHEMA, SAMPLES_SCHEMA
+from tsrec.decode.constraints import SidConstraints
+from tsrec.decode.evaluate import (
+    SuffixScoringError,
+    build_prompt_texts,
+    compute_metrics,
+    decode_rows,
+    resolve_dtype,
+    score_suffix_enabled,
+    upstream_suffix_ids,
+)
 from tsrec.decode.metrics import first_hit_rank, ranking_metrics
-from tsrec.orchestration.evaluate import run_eval, shard_rows
+from tsrec.decode.reference import exhaustive_scores
+from tsrec.orchestration.evaluate import EvalPlacementError, resolve_eval_placement, run_eval, shard_rows
 
 HISTORIES = [[0], [1, 2], [3, 4, 5], [6], [7, 8], [9, 10, 11, 12], [2], [5, 1], [11], [0, 12]]
 TARGETS = [1, 3, 4, 7, 9, 0, 2, 6, 12, 10]
@@ -90,3 +103,79 @@ def test_eval_rejects_items_without_sid(sid_model_dir, eval_inputs, tmp_path):
     cfg = load_config(overrides=["eval.beams=4"])
     with pytest.raises(InputError, match=r"test.parquet, line 1, field 'history_item_ids': item id 999 has no SID"):
         run_eval(cfg, sid_model_dir, bad, sids, tmp_path / "out")
+
+
+def _prepared(index, mode="canonical"):
+    rows = [{"row": i, "user_id": f"A{i}", "history_item_ids": h, "item_id": t}
+            for i, (h, t) in enumerate(zip(HISTORIES[:4], TARGETS[:4]))]
+    return build_prompt_texts(rows, index, mode)
+
+
+def test_invalid_count_uses_the_decoded_ids(sid_model, make_catalogue):
+    """A corrupt table must make ``invalid_sids`` non-zero (it used to be read back from the leaf id)."""
+    model, tok = sid_model
+    index = make_catalogue()
+    cons = SidConstraints.from_index(index, tok)
+    valid = set(index.sids().values())
+    cfg = load_config(overrides=["eval.beams=12", "eval.batch_size=2"])
+    assert compute_metrics(cfg, decode_rows(cfg, model, tok, cons, _prepared(index), "float32"), valid)["invalid_sids"] == 0
+
+    # 1. Leaves 0 and 1 swapped: every beam decodes a catalogue SID, but two beams per row land on the
+    #    wrong leaf id (the strings from constraints.sids would all look valid).
+    swapped = SidConstraints(**{**cons.__dict__, "children": [t.clone() for t in cons.children]})
+    last = swapped.children[-1]
+    a, b = (last == 0).nonzero()[0], (last == 1).nonzero()[0]
+    last[tuple(a)], last[tuple(b)] = 1, 0
+    res = decode_rows(cfg, model, tok, swapped, _prepared(index), "float32")
+    assert all(set(r["ranked_sids"]) <= valid for r in res)
+    assert compute_metrics(cfg, res, valid)["invalid_sids"] == 2 * len(res)
+
+    # 2. A leaf moved to a code its prefix does not have: the decoded SID is not in the catalogue.
+    moved = SidConstraints(**{**cons.__dict__, "children": [t.clone() for t in cons.children]})
+    last = moved.children[-1]
+    node, code = (last == 0).nonzero()[0].tolist()
+    free = int((last[node] < 0).nonzero()[0])
+    last[node, free], last[node, code] = 0, -1
+    res = decode_rows(cfg, model, tok, moved, _prepared(index), "float32")
+    metrics = compute_metrics(cfg, res, valid)
+    assert metrics["invalid_sids"] == len(res)
+    assert all(sum(s not in valid for s in r["ranked_sids"]) == 1 for r in res)
+
+
+def test_upstream_mode_scores_newline_and_eos(sid_model, make_catalogue):
+    model, tok = sid_model
+    index = make_catalogue()
+    cons = SidConstraints.from_index(index, tok)
+    suffix = [*tok("\n", add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    up = load_config(overrides=["eval.beams=12", "eval.batch_size=4", "prompts.mode=upstream"])
+    assert score_suffix_enabled(up) and upstream_suffix_ids(tok, cons) == suffix
+    prepared = _prepared(index, "upstream")
+    res = decode_rows(up, model, tok, cons, prepared, "float32")
+    for r, p in zip(res, prepared):  # beams = every SID: the ranking is exhaustive scoring with "\n" + EOS
+        truth = exhaustive_scores(model, prompts.encode_prompt(tok, p["_sample"]), cons, suffix_ids=suffix)
+        order = torch.argsort(truth, descending=True, stable=True)
+        assert r["ranked_sids"] == [cons.sids[i] for i in order.tolist()]
+        torch.testing.assert_close(torch.tensor(r["scores"]), truth[order], atol=1e-4, rtol=0)
+    assert compute_metrics(up, res, set(index.sids().values()))["score_suffix"] is True
+    # Opt-out in upstream mode; canonical never scores the suffix and refuses to be asked to.
+    assert not score_suffix_enabled(load_config(overrides=["prompts.mode=upstream", "eval.score_suffix=false"]))
+    assert not score_suffix_enabled(load_config())
+    with pytest.raises(SuffixScoringError, match="needs prompts.mode=upstream"):
+        score_suffix_enabled(load_config(overrides=["eval.score_suffix=true"]))
+
+
+def test_eval_dtype_and_gpu_placement_defaults():
+    cfg = load_config()
+    assert cfg.eval.dtype == "auto" and cfg.resources.eval.gpus_per_worker is None
+    assert resolve_dtype("auto", "cuda") == "bfloat16" and resolve_dtype("auto", "cuda:1") == "bfloat16"
+    assert resolve_dtype("auto", "cpu") == "float32" and resolve_dtype("float32", "cuda") == "float32"
+    # default: one GPU per actor on a GPU cluster, else a CPU actor that says so explicitly
+    assert resolve_eval_placement(None, "auto", cluster_gpus=8) == (1.0, "auto")
+    assert resolve_eval_placement(None, "auto", cluster_gpus=0) == (0.0, "cpu")
+    assert resolve_eval_placement(0, "auto", cluster_gpus=8) == (0.0, "cpu")  # asked for CPU actors on a GPU cluster
+    assert resolve_eval_placement(0.5, "auto", cluster_gpus=1) == (0.5, "auto")  # explicit sharing is allowed
+    assert resolve_eval_placement(0, "cpu", cluster_gpus=0) == (0.0, "cpu")
+    with pytest.raises(EvalPlacementError, match="would share it"):
+        resolve_eval_placement(0, "cuda", cluster_gpus=8)
+    with pytest.raises(EvalPlacementError, match="would share it"):
+        resolve_eval_placement(None, "cuda:0", cluster_gpus=0)

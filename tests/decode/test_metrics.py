@@ -7,6 +7,7 @@ import math
 import pytest
 
 from tsrec.decode.metrics import first_hit_rank, hit_rate_at_k, invalid_count, ndcg_at_k, ranking_metrics
+from tsrec.decode.reference import compare_topk
 
 
 def test_hand_computed_ranking():
@@ -33,3 +34,20 @@ def test_hand_computed_ranking():
     assert first_hit_rank(["<a_1><b_1><c_11>"], target) is None  # exact string match, no prefix match
     with pytest.raises(ValueError):
         hit_rate_at_k([], 1)
+
+
+def test_compare_topk_separates_near_ties_from_real_mismatches():
+    a, b, c, d = "<a_1><b_1><c_1>", "<a_1><b_1><c_2>", "<a_2><b_1><c_1>", "<a_3><b_1><c_1>"
+    tol = 1e-4
+    assert compare_topk([a, b, c], [-1.0, -2.0, -3.0], [a, b, c], [-1.0, -2.0, -3.0], tol) == "identical"
+    # b and c tie up to rounding (gap 7.6e-6): the two decoders order them differently -> near-tie
+    assert compare_topk([a, b, c], [-1.0, -2.0, -2.0000076], [a, c, b], [-1.0, -2.000001, -2.0000071], tol) == "near-tie"
+    # the last slot holds a different SID, equal in score within tol (a tie at the K boundary)
+    assert compare_topk([a, b, c], [-1.0, -2.0, -3.0], [a, b, d], [-1.0, -2.0, -3.00005], tol) == "near-tie"
+    # a swap with a real score gap, or a different SID at a different score: real mismatches
+    assert compare_topk([a, b, c], [-1.0, -2.0, -3.0], [a, c, b], [-1.0, -3.0, -2.0], tol) == "mismatch"
+    assert compare_topk([a, b, c], [-1.0, -2.0, -3.0], [a, b, d], [-1.0, -2.0, -3.5], tol) == "mismatch"
+    # same SIDs at the same ranks-scores but one decoder scores a shared SID differently
+    assert compare_topk([a, b, c], [-1.0, -2.0, -2.0], [a, c, b], [-1.0, -2.0, -2.0], tol) == "near-tie"
+    assert compare_topk([a, b, c], [-1.0, -2.0, -2.0], [b, a, c], [-1.0, -2.0, -2.0], tol) == "mismatch"
+    assert compare_topk([a, b], [-1.0, -2.0], [a], [-1.0], tol) == "mismatch"

@@ -30,6 +30,10 @@ def test_pipeline_end_to_end(ray_cluster, tmp_path):
             "teacher.limit=4",  # 4 tokens through the real SmolLM2 teacher; the rest keep the default init
             "teacher.guided_description_tokens=48",
             "teacher.guided_max_keywords=6",
+            # The quality contract scaled to those caps (a record is ok only within it): at the default
+            # 55 words / 15 keywords no record could pass and SA-Init would have nothing to initialise.
+            "teacher.min_description_words=10",
+            "teacher.min_keywords=3",
             "sft.max_steps=12",
             "sft.eval_every_steps=6",
             "sft.save_every_steps=6",
@@ -46,6 +50,7 @@ def test_pipeline_end_to_end(ray_cluster, tmp_path):
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     assert metrics["invalid_sids"] == 0
     assert set(summary["stages"]) == set(cfg.pipeline.stages)
+    _check_semantics_and_sa_init(cfg, root)
 
     # Second run: everything is up to date and skipped; changing eval.beams reruns only eval.
     logs.clear()
@@ -56,3 +61,44 @@ def test_pipeline_end_to_end(ray_cluster, tmp_path):
     cfg.eval.ks = [1, 3]
     run_pipeline(cfg, log=logs.append)
     assert [line for line in logs if "running" in line] == [f"[tsrec run] eval: running -> {root / 'eval'}"]
+
+
+def _check_semantics_and_sa_init(cfg, root: Path) -> None:
+    """The teacher's records are valid and exactly the ok ones; SA-Init initialised exactly their rows."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from tsrec.semantics.answers import Contract
+    from tsrec.semantics.records import read_teacher_file
+    from tsrec.sid.index import read_index, token_level
+
+    tokens = read_index(root / "sids").all_tokens()
+    assert {t[1] for t in tokens} == {"a", "b", "c", "d"}  # sid.collision=extra_level
+    sem = pq.read_table(root / "semantics" / "semantics.parquet").to_pylist()
+    assert len(sem) == cfg.teacher.limit == len({r["token"] for r in sem}) and {r["token"] for r in sem} <= set(tokens)
+    assert {r["status"] for r in sem} <= {"ok", "failed"} and {r["engine"] for r in sem} == {"hf"}
+    ok = {r["token"]: r for r in sem if r["status"] == "ok"}
+    assert ok, [r["error"] for r in sem]  # the real SmolLM2 teacher produced at least one usable record
+    # description_keywords.json holds exactly the ok records, each within the enforced METHOD.md 1.4 contract.
+    records = read_teacher_file(root / "semantics" / "description_keywords.json")
+    assert {r["token"] for r in records} == set(ok)
+    contract = Contract.from_config(cfg.teacher)
+    for rec in records:
+        assert rec["description"] == ok[rec["token"]]["description"]
+        assert contract.violations(rec["description"], rec["keywords"], rec["keywords"]) == [], rec
+        assert rec["keywords"] == json.loads(ok[rec["token"]]["keywords"])
+    failures = json.loads((root / "semantics" / "failures.json").read_text())
+    assert {f["token"] for f in failures["failed"]} == {r["token"] for r in sem if r["status"] == "failed"}
+    assert len(failures["not_requested"]) == len(tokens) - cfg.teacher.limit
+
+    # init_report.json: one row per SID token with its tokenizer id; "sa_init" exactly for the records'
+    # tokens in the first sa_init.depth levels, and the counts add up.
+    report = json.loads((root / "model" / "init_report.json").read_text())
+    tok = AutoTokenizer.from_pretrained(root / "model")
+    assert [r["token"] for r in report["rows"]] == tokens
+    assert [r["id"] for r in report["rows"]] == tok.convert_tokens_to_ids(tokens)
+    want = {t for t in ok if token_level(t) < cfg.sa_init.depth}
+    assert {r["token"] for r in report["rows"] if r["init"] == "sa_init"} == want
+    assert report["sa_init_rows"] == len(want) == report["init_kinds"].get("sa_init", 0)
+    assert sum(report["init_kinds"].values()) == report["sid_tokens"] == len(tokens)
+    assert report["depth"] == cfg.sa_init.depth

@@ -45,8 +45,11 @@ def test_limit_then_resume_skips_finished_tokens(catalogue, tmp_path):
     assert json.loads((out / "failures.json").read_text())["not_requested"] == ["<b_0>", "<b_2>"]
     second = extract_semantics(load_config(overrides=base), sids, tmp_path, out)
     assert second["resumed"] == 2 and second["extracted_this_run"] == 2
-    # the failed <b_2> is requested again on a rerun (teacher.retry_failed), the ok ones are not
-    third = extract_semantics(load_config(overrides=base), sids, tmp_path, out)
+    # a failure under an unchanged greedy request would repeat: a plain rerun keeps it ...
+    again = extract_semantics(load_config(overrides=base), sids, tmp_path, out)
+    assert again["resumed"] == 4 and again["extracted_this_run"] == 0 and again["failed"] == 1
+    # ... teacher.retry_failed=force requests the failed <b_2> again, the ok ones not
+    third = extract_semantics(load_config(overrides=[*base, "teacher.retry_failed=force"]), sids, tmp_path, out)
     assert third["resumed"] == 3 and third["extracted_this_run"] == 1
     kept = extract_semantics(load_config(overrides=[*base, "teacher.retry_failed=false"]), sids, tmp_path, out)
     assert kept["resumed"] == 4 and kept["extracted_this_run"] == 0 and kept["failed"] == 1
@@ -83,5 +86,5 @@ def test_vllm_processor_builds_and_cpu_cluster_is_refused(ray_cluster, catalogue
     data.mkdir()
     pd.DataFrame({"item_id": np.arange(3, dtype=np.int64), "title": ["a", "b", "c"], "description": ["", "", ""]}
                  ).to_parquet(data / "items.parquet", index=False)
-    with pytest.raises(RuntimeError, match="needs GPUs"):
+    with pytest.raises(RuntimeError, match=r"needs 2 GPU\(s\) \(tensor_parallel_size=1 x concurrency=2\)"):
         extract_semantics(cfg, sids, data, tmp_path / "out")

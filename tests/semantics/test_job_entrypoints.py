@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import INDUSTRIAL, INDUSTRIAL_TEACHER, require_shared
+from shared_data import INDUSTRIAL, INDUSTRIAL_TEACHER, require_shared
 
 REPO = Path(__file__).resolve().parents[2]
 

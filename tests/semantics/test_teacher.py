@@ -119,8 +119,9 @@ def test_request_hash_tracks_request():
 
 
 def test_vllm_config_and_requests():
+    # teacher.guided=false: free-form requests with the prefill (structured outputs: tests/semantics/test_contract.py)
     cfg = load_config(overrides=["teacher.engine=vllm", "teacher.batch_size=16", "teacher.tensor_parallel_size=2",
-                                 "teacher.max_model_len=2048", "teacher.max_new_tokens=300"])
+                                 "teacher.max_model_len=2048", "teacher.max_new_tokens=300", "teacher.guided=false"])
     t = VllmTeacher(**VllmTeacher.constructor_kwargs(cfg.teacher, 7, "/models/qwen", concurrency=3))
     kw = t.processor_config_kwargs()
     assert kw["model_source"] == "/models/qwen" and kw["batch_size"] == 16 and kw["concurrency"] == 3

@@ -48,3 +48,14 @@ def make_tiny_run(root: Path, n_items: int = 16, n_train: int = 96, n_valid: int
     (sem / "description_keywords.json").write_text(json.dumps(records))
     model = save_tiny_sid_model(root / "model", tokens, texts=titles, seed=seed, hidden_size=hidden_size)
     return {"data": data, "sids": sids, "semantics": sem / "description_keywords.json", "model": model}
+
+
+def assert_resumed_after(rows: list[dict], ckpt_step: int) -> None:
+    """Metric rows up to ``ckpt_step`` come from the first attempt, the rest from one that started right
+    after it (so no step up to the checkpoint was run again) and later in time (columns ``attempt/*``)."""
+    first = [r for r in rows if r["step"] <= ckpt_step]
+    second = [r for r in rows if r["step"] > ckpt_step]
+    assert first and second
+    assert {r["attempt/start_step"] for r in first} == {0}, first
+    assert {r["attempt/start_step"] for r in second} == {ckpt_step + 1}, second
+    assert min(r["attempt/started_at"] for r in second) > max(r["attempt/started_at"] for r in first)

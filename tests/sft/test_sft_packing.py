@@ -64,3 +64,33 @@ def test_padding_share_and_micro_batches():
     empty = micro_batches([], num_micro=3, packing=True, pack_len=40, micro_batch_size=4, pad_id=0)
     assert len(empty) == 3 and all(b.weight_sum == 0 for b in empty)
     del tok
+
+
+def test_packed_targets_supervise_exactly_each_response():
+    """Targets of a packed batch, against a hand-written expectation: for a sample with prompt P (A and B
+    tokenised separately) and response R = ids(C) + EOS, position j predicts token j+1, so the sample's
+    targets are -100 for its first len(P)-1 positions, then R, then -100 at its last token."""
+    tok = build_tiny_tokenizer(["heavy duty staples glue tape"])
+    tok.add_tokens(["<a_1>", "<a_3>", "<a_5>", "<b_2>", "<b_4>", "<b_6>"])
+    ps = [prompts.next_sid(["<a_1><b_2>"], "<a_3><b_4>"), prompts.sid_to_title("<a_5><b_6>", "glue tape"),
+          prompts.history_to_title(["<a_1><b_2>", "<a_3><b_4>"], "tape"), prompts.title_to_sid("tape", "<a_1><b_2>")]
+    samples = tokenize_samples(tok, ps, cutoff_len=512)
+    rows = pack_samples(samples, 2 * max(len(s.input_ids) for s in samples))
+    assert any(len(r) > 1 for r in rows)
+    batch = collate(rows, tok.pad_token_id)
+    prompt_of = {id(s): p for s, p in zip(samples, ps)}
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    for r, row in enumerate(rows):
+        pos = 0
+        for s in row:
+            p = prompt_of[id(s)]
+            n_prompt = len(ids(p.instruction)) + len(ids(p.user_input))
+            response = ids(p.target + "\n") + [tok.eos_token_id]
+            want = [-100] * (n_prompt - 1) + response + [-100]
+            assert batch.targets[r, pos : pos + len(want)].tolist() == want
+            assert batch.weights[r, pos : pos + len(want)].gt(0).tolist() == [t != -100 for t in want]
+            pos += len(want)
+        assert batch.targets[r, pos:].eq(-100).all()  # row padding

@@ -2,7 +2,8 @@
 
 Three ``TorchTrainer.fit`` calls in all: the ZeRO-2 run doubles as the uninterrupted baseline of the
 fault test, which kills the last worker once after step 6 (checkpoint after step 3) and must end on the
-same losses (fp32, same seed).
+same losses (fp32, same seed), with every step after 3 computed by the restarted attempt (``attempt/*``
+columns), so a restart that ignored the checkpoint fails it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sft_synth import make_tiny_run
+from sft_synth import assert_resumed_after, make_tiny_run
+from shared_data import assert_greedy_generate
 from tsrec.config import load_config
 from tsrec.sft.checkpoint import read_metrics_csv
 
@@ -52,8 +54,7 @@ def _check_run(out, result, tiny):
     assert (out / "loss.png").exists() and (out / "manifest.json").exists()
     model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     tok = AutoTokenizer.from_pretrained(out / "model")
-    gen = model.generate(**tok("The user", return_tensors="pt"), max_new_tokens=4, do_sample=False)
-    assert gen.shape[1] > 2
+    assert_greedy_generate(model, tok, "The user", 4)
     # The exported weights (gathered from shards) reproduce the best validation loss.
     mix = build_mixture(load_config(None, BASE), tiny["data"], tiny["sids"], tiny["semantics"])
     valid = tokenize_samples(tok, mix.valid, 512)
@@ -81,6 +82,7 @@ def test_killed_worker_resumes_to_the_same_loss(zero2, tiny, tmp_path):
     base_rows = read_metrics_csv(base_out / "metrics.csv")
     rows = read_metrics_csv(tmp_path / "out" / "metrics.csv")
     assert [r["step"] for r in rows] == list(range(12))
+    assert_resumed_after(rows, 3)  # the restarted group began after the step-3 checkpoint, not at 0
     assert abs(rows[-1]["train/loss"] - base_rows[-1]["train/loss"]) < 1e-4
     assert abs(result["final_val_loss"] - base["final_val_loss"]) < 1e-4
     for a, b in zip(base_rows, rows):

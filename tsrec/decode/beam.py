@@ -15,7 +15,12 @@ Algorithm (fixed SID length L, so beam search is exactly L steps):
    become the new beams; the KV cache is reordered to them (``Cache.reorder_cache``; the first
    reorder also expands B -> B*K) and their tokens are fed for the next level.
 4. After level L every beam is a complete, distinct catalogue SID. Score = sum of the L level
-   log-probabilities; nothing after the last level (``\\n``, EOS) is scored or decoded.
+   log-probabilities; nothing after the last level (``\\n``, EOS) is scored or decoded, unless
+   ``score_suffix_ids`` asks for the upstream scoring (``prompts.mode=upstream``, METHOD.md 1.8): then
+   those forced ids are fed after the SID, their log-probabilities added, and the K beams re-sorted.
+
+Input checks: the batch must be left-padded (:class:`PaddingSideError`); wrapped models (peft,
+DeepSpeed, DDP) are called as given, with the cache keyword of the HF module inside.
 
 The search is exact for what it keeps: if K >= the number of prefixes at every level, the top-K
 equals exhaustive scoring of the catalogue. It is the same search as transformers' beam search with
@@ -32,6 +37,7 @@ killed, counted beam (``on_empty="count"``), never an unconstrained step (R1).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,6 +64,8 @@ class BeamOutput:
         ranks: ``(B, K)`` 0-based beam rank (position in the score-sorted list).
         sequences: ``(B, K, T + L)`` the left-padded prompt followed by the SID tokens.
         empty_events: ``(B,)`` live beams per prompt that hit an empty allowed set (0 unless the tables are corrupt).
+        suffix_logprobs: ``(B, K, S)`` float32 log-probabilities of the scored suffix ids (``score_suffix_ids``
+            only; included in ``scores``), else None.
     """
 
     sid_token_ids: torch.Tensor
@@ -67,16 +75,63 @@ class BeamOutput:
     ranks: torch.Tensor
     sequences: torch.Tensor
     empty_events: torch.Tensor | None = None
+    suffix_logprobs: torch.Tensor | None = None
 
     def sid_strings(self, constraints: SidConstraints) -> list[list[str]]:
         """``[prompt][rank]`` SID strings ("" for a dead beam)."""
         return [[constraints.sids[i] if i >= 0 else "" for i in row] for row in self.sid_index.tolist()]
 
 
+def unwrap_model(model):
+    """The Hugging Face module inside training wrappers (DeepSpeed engine, DDP/FSDP, peft, torch.compile).
+
+    Wrappers forward ``**kwargs`` and hide the real signature, so keyword detection must look at the
+    module they wrap. peft is unwrapped through its own ``get_base_model`` (LoRA layers are injected
+    into the base modules, so nothing is lost); the others store the wrapped module as ``.module``
+    (DeepSpeed, DDP) or ``._orig_mod`` (``torch.compile``).
+    """
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+    return model
+
+
 def _cache_kw(model) -> str:
-    """transformers >= 5.2x renamed ``past_key_values`` to ``cache``; accept either."""
-    params = inspect.signature(model.forward).parameters
+    """The cache keyword of the wrapped HF module's forward.
+
+    transformers >= 5.2x renamed ``past_key_values`` to ``cache`` (the old name is deprecated and
+    announced for removal); a wrapper's ``forward(*args, **kwargs)`` shows neither, so the signature
+    is read from the unwrapped module. The call itself still goes through the wrapper (peft prompt
+    adapters, DeepSpeed hooks).
+    """
+    params = inspect.signature(unwrap_model(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+class PaddingSideError(ValueError):
+    """The prompt batch is not left-padded (a row has padding after its last token)."""
+
+
+def check_left_padded(attention_mask: torch.Tensor) -> None:
+    """Raise :class:`PaddingSideError` unless every row is ``0...0 1...1`` with at least one 1.
+
+    Decoding appends SID tokens after the last column and reads that column's logits, so a
+    right-padded row would continue from a pad token: wrong lists, silently.
+    """
+    m = attention_mask.to(torch.long)
+    bad = (m[:, -1] != 1) | (m.diff(dim=-1) < 0).any(-1) if m.shape[1] > 1 else m[:, -1] != 1
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise PaddingSideError(
+            f"prompt {row} is not left-padded (attention mask ends ...{m[row].tolist()[-8:]}; must be 0...0 1...1); "
+            "use tsrec.decode.beam.left_pad or tokenizer.padding_side='left'"
+        )
 
 
 def _forward(model, cache_kw: str, input_ids, attention_mask, position_ids, cache):
@@ -115,6 +170,7 @@ def constrained_beam_search(
     beams: int,
     *,
     on_empty: Literal["raise", "count"] = "raise",
+    score_suffix_ids: Sequence[int] = (),
 ) -> BeamOutput:
     """Top-``beams`` distinct catalogue SIDs per prompt (see the module docstring).
 
@@ -125,9 +181,15 @@ def constrained_beam_search(
         constraints: the catalogue tables (moved to the ids' device if needed).
         beams: K, the beam width = number of returned SIDs.
         on_empty: ``raise`` (default) or ``count`` when a live beam has no allowed continuation.
+        score_suffix_ids: ids forced after every SID and added to its score (upstream parity: the
+            public trie ends every SID with ``\n`` and EOS, METHOD.md 1.8). The K beams kept after the
+            last SID level are rescored with these terms and re-sorted (stable), exactly what a
+            beam search does when each beam has a single allowed continuation. Empty (default): the
+            tsrec contract, nothing after the SID is scored.
 
     Raises:
         ValueError: ``beams`` < 1 or larger than the number of catalogue SIDs.
+        PaddingSideError: the batch is not left-padded.
         EmptyAllowedSetError: a live beam has an empty allowed set and ``on_empty="raise"``.
     """
     K, L = int(beams), constraints.num_levels
@@ -137,7 +199,9 @@ def constrained_beam_search(
     cons = constraints.to(device)
     B, T = input_ids.shape
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    check_left_padded(attention_mask)
     cache_kw = _cache_kw(model)
+    suffix = [int(i) for i in score_suffix_ids]
 
     # Left padding: positions count real tokens only (pads get a dummy position, masked anyway).
     positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
@@ -182,7 +246,7 @@ def constrained_beam_search(
         tokens = torch.cat([tokens.gather(1, origin.unsqueeze(-1).expand(-1, -1, level)), new_tok.unsqueeze(-1)], dim=-1)
         token_lp = torch.cat([token_lp.gather(1, origin.unsqueeze(-1).expand(-1, -1, level)), new_lp.unsqueeze(-1)], dim=-1)
         scores = top_scores
-        if level == L - 1:
+        if level == L - 1 and not suffix:
             break  # nothing after the last level is scored: no forward for it
         # Reorder (level 0: expand B -> B*K) the KV cache to the chosen beams, then feed their tokens.
         flat_origin = (arange_b.unsqueeze(1) * width + origin).reshape(-1)
@@ -192,6 +256,28 @@ def constrained_beam_search(
         )
         step_pos = (step_mask.sum(-1, keepdim=True) - 1)
         logits, cache = _forward(model, cache_kw, new_tok.reshape(B * K, 1), step_mask, step_pos, cache)
+
+    suffix_lp = None
+    if suffix:
+        # Every beam has exactly one allowed continuation from here: the beam set is fixed, only the
+        # scores change. Cache rows are already aligned to the B*K beams (reordered above).
+        parts = []
+        for j, sid in enumerate(suffix):
+            lp_j = _level_logprobs(logits, torch.tensor([sid], device=device)).view(B, K)
+            parts.append(lp_j)
+            scores = scores + lp_j  # -inf (dead beams) stays -inf
+            if j == len(suffix) - 1:
+                break
+            step_mask = torch.cat([step_mask, step_mask.new_ones((B * K, 1))], dim=1)
+            step_pos = step_mask.sum(-1, keepdim=True) - 1
+            feed = torch.full((B * K, 1), sid, dtype=torch.long, device=device)
+            logits, cache = _forward(model, cache_kw, feed, step_mask, step_pos, cache)
+        suffix_lp = torch.stack(parts, dim=-1)
+        scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+        nodes = nodes.gather(1, order)
+        tokens = tokens.gather(1, order.unsqueeze(-1).expand_as(tokens))
+        token_lp = token_lp.gather(1, order.unsqueeze(-1).expand_as(token_lp))
+        suffix_lp = suffix_lp.gather(1, order.unsqueeze(-1).expand_as(suffix_lp))
 
     sequences = torch.cat([input_ids.unsqueeze(1).expand(B, K, T), tokens], dim=-1)
     sid_index = nodes  # at the last level the node id is the leaf (SID) index
@@ -203,6 +289,7 @@ def constrained_beam_search(
         ranks=torch.arange(K, device=device).expand(B, K).clone(),
         sequences=sequences,
         empty_events=empty_events,
+        suffix_logprobs=suffix_lp,
     )
 
 

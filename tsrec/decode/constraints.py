@@ -178,6 +178,17 @@ class SidConstraints:
         """Every catalogue SID as a tuple of token ids (for the invalid-SID count, METHOD.md R10)."""
         return {tuple(r) for r in self.sid_token_ids.tolist()}
 
+    def leaf_matches(self, sid_token_ids: torch.Tensor, sid_index: torch.Tensor) -> torch.Tensor:
+        """``(...)`` bool: the decoded ids ``(..., L)`` equal the token tuple of leaf ``sid_index`` (``(...)``).
+
+        A check of the decode against the tables' own leaf numbering: a corrupt child table makes a
+        beam's leaf id point at another SID than the tokens it decoded. Dead beams (-1) are False.
+        """
+        table = self.sid_token_ids.to(sid_token_ids.device)
+        leaf = sid_index.clamp(min=0)
+        same = (table[leaf] == sid_token_ids).all(-1)
+        return same & (sid_index >= 0) & (sid_index < table.shape[0])
+
     def items_of(self, sid: str) -> list[int]:
         return self.items_by_sid.get(sid, [])
 

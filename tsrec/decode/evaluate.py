@@ -17,6 +17,7 @@ do not depend on the number of workers.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,13 @@ from tsrec import prompts
 from tsrec.artifacts import InputError, atomic_write_json, staging_dir, write_manifest, write_parquet
 from tsrec.config import Config
 from tsrec.decode.metrics import first_hit_rank, invalid_count, ranking_metrics
-from tsrec.sid.index import SidIndex, read_index
+from tsrec.sid.index import SidIndex, read_index, sid_string
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class SuffixScoringError(ValueError):
+    """``eval.score_suffix`` was requested in canonical prompt mode, or the suffix ids cannot be derived."""
 
 
 def load_rows(cfg: Config, data_dir: str | Path, sids_dir: str | Path | None = None) -> list[dict[str, Any]]:
@@ -79,12 +84,50 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def resolve_dtype(name: str, device: str) -> str:
+    """``auto``: bfloat16 on CUDA (the public evaluation's precision, METHOD.md 1.8), float32 elsewhere."""
+    if name == "auto":
+        return "bfloat16" if str(device).startswith("cuda") else "float32"
+    return name
+
+
+def score_suffix_enabled(cfg: Config) -> bool:
+    """Whether ``\\n`` + EOS after the SID are scored: default on in upstream mode, never in canonical.
+
+    Raises:
+        SuffixScoringError: ``eval.score_suffix=true`` with ``prompts.mode=canonical`` (the canonical
+        contract scores the SID tokens only).
+    """
+    flag = cfg.eval.score_suffix
+    if cfg.prompts.mode != "upstream":
+        if flag:
+            raise SuffixScoringError("eval.score_suffix=true needs prompts.mode=upstream (canonical scores the SID only)")
+        return False
+    return True if flag is None else bool(flag)
+
+
+def upstream_suffix_ids(tok, constraints) -> list[int]:
+    """The ids the public trie forces after a SID: tokenise ``SID + "\\n"``, keep what follows the SID, add EOS.
+
+    Derived by tokenising a real catalogue SID so that a tokenizer merging ``\\n`` differently is seen.
+
+    Raises:
+        SuffixScoringError: the SID's own ids are not a prefix of ``SID + "\\n"``'s ids, or no EOS.
+    """
+    sid_ids = constraints.sid_token_ids[0].tolist()
+    ids = list(tok(constraints.sids[0] + "\n", add_special_tokens=False)["input_ids"])
+    if ids[: len(sid_ids)] != sid_ids or len(ids) == len(sid_ids) or tok.eos_token_id is None:
+        raise SuffixScoringError(f"cannot derive the upstream suffix ids: {constraints.sids[0]!r} + newline -> {ids}")
+    return ids[len(sid_ids):] + [int(tok.eos_token_id)]
+
+
 def load_model(model_dir: str | Path, dtype: str, device: str):
     """``(model, tokenizer)`` from a HF folder, eval mode, on ``device``; generation config is never used."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
+    dtype = resolve_dtype(dtype, device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, DTYPES[dtype]))
     return model.to(device).eval(), tok
 
@@ -93,11 +136,11 @@ def evaluate_shard(cfg: Config, model_dir: str | Path, sids_dir: str | Path, row
     """Decode one contiguous shard of rows; returns one result dict per row, in row order.
 
     Each result: ``row, user_id, item_id, prompt, target_sid, ranked_sids, scores, hit_rank``
-    (``hit_rank`` -1 = miss), plus ``empty_events`` (live beams with an empty allowed set: 0).
+    (``hit_rank`` -1 = miss), plus ``empty_events`` (live beams with an empty allowed set: 0),
+    ``leaf_ok`` (per beam: decoded ids match the leaf's catalogue tuple) and ``dtype``.
     """
     import torch
 
-    from tsrec.decode.beam import constrained_beam_search, left_pad
     from tsrec.decode.constraints import SidConstraints
 
     if not rows:
@@ -110,21 +153,43 @@ def evaluate_shard(cfg: Config, model_dir: str | Path, sids_dir: str | Path, row
     index = read_index(sids_dir)
     constraints = SidConstraints.from_index(index, tok, source=str(sids_dir)).to(device)
     prepared = build_prompt_texts(rows, index, cfg.prompts.mode, source=f"{cfg.eval.split}.parquet")
+    return decode_rows(cfg, model, tok, constraints, prepared, resolve_dtype(cfg.eval.dtype, device))
+
+
+def decode_rows(cfg: Config, model, tok, constraints, prepared: list[dict[str, Any]], dtype: str) -> list[dict[str, Any]]:
+    """Decode prepared rows (``build_prompt_texts``) in fixed batches with a loaded model and tables.
+
+    Ranked SID strings are spelled from the **decoded token ids** (via the tokenizer), not looked up
+    by leaf id, so a corrupt table shows up as an invalid SID (METHOD.md R10) instead of a plausible
+    string; ``leaf_ok`` flags beams whose ids disagree with their leaf's catalogue tuple.
+    """
+    from tsrec.decode.beam import constrained_beam_search, left_pad
+
+    device = constraints.device
+    suffix = upstream_suffix_ids(tok, constraints) if score_suffix_enabled(cfg) else []
     results = []
     bs = cfg.eval.batch_size
     for start in range(0, len(prepared), bs):
         batch = prepared[start : start + bs]
         ids, mask = left_pad([prompts.encode_prompt(tok, r["_sample"]) for r in batch], tok.eos_token_id, device)
-        out = constrained_beam_search(model, ids, mask, constraints, cfg.eval.beams, on_empty="count")
-        ranked = out.sid_strings(constraints)
+        out = constrained_beam_search(model, ids, mask, constraints, cfg.eval.beams, on_empty="count",
+                                      score_suffix_ids=suffix)
+        alive = (out.sid_index >= 0).tolist()
+        ranked = [[sid_string(tok.convert_ids_to_tokens(beam)) if ok else "" for beam, ok in zip(row, live)]
+                  for row, live in zip(out.sid_token_ids.tolist(), alive)]
+        leaf_ok = constraints.leaf_matches(out.sid_token_ids, out.sid_index).tolist()
         scores = out.scores.float().cpu().tolist()
-        for r, sids, sc, empty in zip(batch, ranked, scores, out.empty_events.tolist()):
+        for r, sids, sc, empty, ok in zip(batch, ranked, scores, out.empty_events.tolist(), leaf_ok):
             hit = first_hit_rank(sids, r["target_sid"])
             results.append({
                 "row": r["row"], "user_id": r["user_id"], "item_id": r["item_id"], "prompt": r["prompt"],
                 "target_sid": r["target_sid"], "ranked_sids": sids, "scores": sc,
-                "hit_rank": -1 if hit is None else hit, "empty_events": empty,
+                "hit_rank": -1 if hit is None else hit, "empty_events": empty, "leaf_ok": ok, "dtype": dtype,
             })
+        if (start // bs + 1) % max(1, -(-len(prepared) // bs) // 5) == 0 or len(results) == len(prepared):
+            # about five progress lines per shard (row numbers are the split's)
+            print(f"eval: {len(results)}/{len(prepared)} rows decoded (rows {prepared[0]['row']}-{prepared[-1]['row']})",
+                  file=sys.stderr, flush=True)
     return results
 
 
@@ -133,14 +198,17 @@ def compute_metrics(cfg: Config, results: list[dict[str, Any]], valid_sids: set[
     ranks = [None if r["hit_rank"] < 0 else r["hit_rank"] for r in results]
     return {
         **ranking_metrics(ranks, cfg.eval.ks, cfg.eval.beams),
-        "invalid_sids": invalid_count([r["ranked_sids"] for r in results], valid_sids),
+        "invalid_sids": invalid_count([r["ranked_sids"] for r in results], valid_sids,
+                                      [r.get("leaf_ok", [True] * len(r["ranked_sids"])) for r in results]),
         "empty_allowed_events": sum(r["empty_events"] for r in results),
         "rows": len(results),
         "split": cfg.eval.split,
         "beams": cfg.eval.beams,
         "batch_size": cfg.eval.batch_size,
-        "dtype": cfg.eval.dtype,
+        # the resolved precision(s) the rows were decoded in (``auto`` depends on the worker's device)
+        "dtype": ",".join(sorted({r.get("dtype", cfg.eval.dtype) for r in results})) or cfg.eval.dtype,
         "prompt_mode": cfg.prompts.mode,
+        "score_suffix": score_suffix_enabled(cfg),
     }
 
 
@@ -158,6 +226,7 @@ def write_results(cfg: Config, results: list[dict[str, Any]], out_dir: str | Pat
 
     index = read_index(inputs["sids"])
     metrics = compute_metrics(cfg, results, set(index.sids().values()))
+    metrics["baselines"] = _baselines(cfg, results, inputs["data"])
     table = pa.table({
         "row": pa.array([r["row"] for r in results], pa.int64()),
         "user_id": pa.array([r["user_id"] for r in results], pa.string()),
@@ -178,9 +247,36 @@ def write_results(cfg: Config, results: list[dict[str, Any]], out_dir: str | Pat
     return {**metrics, **(extra or {}), "out_dir": str(out_dir)}
 
 
+def _baselines(cfg: Config, results: list[dict[str, Any]], data_dir: Path) -> dict[str, Any]:
+    """Popularity and markov baselines on the same rows and metrics (:mod:`tsrec.decode.baselines`).
+
+    They are fitted on ``train.parquet``; a folder without one (not made by ``tsrec data prepare``)
+    gets a stated reason instead of numbers, so the model's own evaluation still runs.
+    """
+    from tsrec.decode.baselines import score_baselines_for
+
+    if not results:
+        return {}
+    if not (Path(data_dir) / "train.parquet").exists():
+        return {"skipped": f"no train.parquet in {data_dir}"}
+    return score_baselines_for(data_dir, cfg.eval.split, [r["row"] for r in results], cfg.eval.ks, cfg.eval.beams)
+
+
 def evaluate_local(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, out_dir: Path) -> dict[str, Any]:
     """The whole evaluation in this process (no Ray): load rows, decode, write."""
+    import torch
+
     t0 = time.perf_counter()
-    results = evaluate_shard(cfg, model_dir, sids_dir, load_rows(cfg, data_dir, sids_dir))
+    rows = load_rows(cfg, data_dir, sids_dir)
+    threads = torch.get_num_threads()
+    if resolve_device(cfg.eval.device) == "cpu":
+        # Same intra-op thread count as a Ray eval actor (cpus_per_worker): CPU reductions round
+        # differently with another thread count (seen: 2e-6 score differences), so 1 worker and N
+        # workers would otherwise not write identical rankings.
+        torch.set_num_threads(max(1, int(cfg.resources.eval.cpus_per_worker)))
+    try:
+        results = evaluate_shard(cfg, model_dir, sids_dir, rows)
+    finally:
+        torch.set_num_threads(threads)
     inputs = {"model": model_dir, "data": data_dir, "sids": sids_dir}
     return write_results(cfg, results, out_dir, inputs, {"workers": 1, "seconds": round(time.perf_counter() - t0, 2)})

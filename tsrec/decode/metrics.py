@@ -32,9 +32,17 @@ def ndcg_at_k(ranks: Sequence[int | None], k: int) -> float:
     return sum(1.0 / math.log2(r + 2) for r in ranks if r is not None and r < k) / len(ranks)
 
 
-def invalid_count(ranked_lists: Sequence[Sequence[str]], valid: Collection[str]) -> int:
-    """Returned SIDs that are not catalogue SIDs, counted over every returned beam (not stopping at a hit)."""
-    return sum(1 for ranked in ranked_lists for sid in ranked if sid not in valid)
+def invalid_count(ranked_lists: Sequence[Sequence[str]], valid: Collection[str],
+                  consistent: Sequence[Sequence[bool]] | None = None) -> int:
+    """Returned SIDs that are invalid, counted over every returned beam (not stopping at a hit).
+
+    A beam is invalid when its SID string (spelled from the decoded token ids) is not a catalogue
+    SID, or, with ``consistent``, when its flag is False (the decoded ids disagree with the leaf the
+    constraint tables say the beam reached).
+    """
+    flags = consistent if consistent is not None else [[True] * len(r) for r in ranked_lists]
+    return sum(1 for ranked, ok in zip(ranked_lists, flags, strict=True)
+               for sid, good in zip(ranked, ok, strict=True) if sid not in valid or not good)
 
 
 def ranking_metrics(ranks: Sequence[int | None], ks: Sequence[int], beams: int) -> dict[str, float]:

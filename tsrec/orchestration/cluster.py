@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
+from pathlib import Path
 
 import ray
 
@@ -19,8 +22,93 @@ def ray_address(cfg: Config) -> str:
     return cfg.resources.ray_address or os.environ.get("RAY_ADDRESS") or "local"
 
 
-def ensure_ray(cfg: Config) -> None:
-    """Connect unless this process is already connected (tests and `tsrec run` connect once)."""
+def ensure_ray(cfg: Config, log_dir: Path | None = None) -> None:
+    """Connect unless this process is already connected (tests and `tsrec run` connect once).
+
+    With ``log_dir`` (``tsrec run`` without ``--verbose``), Ray's own progress and INFO lines go to
+    ``<log_dir>/ray.log`` instead of the console (:func:`quiet_console`).
+    """
     if not ray.is_initialized():
+        if ray_address(cfg) == "local":
+            # Ray Train's PreemptionWatcher watches for node preemption (spot instances); a local
+            # in-process cluster has none, and creating it logs core_worker's max_restarts ERROR line.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        if log_dir is not None:
+            quiet_console(log_dir)  # before ray.init: a local cluster's workers inherit the environment
         # Never pass num_cpus when joining a cluster (STACK.md 3.4).
         ray.init(address=ray_address(cfg), configure_logging=False)
+
+
+# Ray Data's actor pools default to max_restarts=-1 and hand every actor its map function and the
+# DataContext as object refs, so Ray core logs an ERROR line per pool ("core_worker.cc: ... has
+# constructor arguments in the object store and max_restarts > 0", ray-project/ray#53727). Our pools
+# hold model replicas doing idempotent work that is either short (embedding) or resumable (teacher
+# parts/), so a dead actor fails the stage and a rerun continues, instead of a silent restart.
+DATA_ACTOR_POOL_ARGS = {"max_restarts": 0}
+# Ray 2.60 has no named map_batches parameter for max_restarts, only the deprecated **ray_remote_args
+# (removed in Ray 2.64: revisit DATA_ACTOR_POOL_ARGS when upgrading), so its warning would replace the
+# ERROR line with another alarming one. Only that message is silenced.
+warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated", category=DeprecationWarning)
+
+# Set in this process before a local Ray starts, so the workers inherit them: no tqdm bars from
+# transformers / huggingface_hub (weight loading, GGUF conversion) and no transformers advisory
+# warnings (deprecations inside libraries, nothing a user can act on). Errors still print.
+# Ray Train's print patch also sends every print of a worker to its logger, so each [sft] line
+# reached the console twice.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+             "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+_quiet = False
+
+
+def train_logging_config():
+    """Ray Train's ``LoggingConfig``: WARNING in a quiet run (its INFO lines are in the run's Ray session
+    logs), else Ray's default."""
+    from ray.train.v2.api.config import LoggingConfig
+
+    return LoggingConfig(log_level="WARNING") if _quiet else LoggingConfig()
+# Ray log records that are expected in a quiet run and say nothing to act on.
+BENIGN_RAY_MESSAGES = ("Progress bars disabled",)
+
+
+class _DropBenign(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(BENIGN_RAY_MESSAGES)
+
+
+def quiet_console(log_dir: Path) -> Path:
+    """Route Ray's INFO lines and progress to ``<log_dir>/ray.log``; warnings and errors stay on the console.
+
+    Ray Data's progress (bars on a terminal, INFO lines otherwise) is turned off on the console and its
+    logger, like Ray core's and Ray Train's, keeps only WARNING and above on the console; everything
+    from INFO up also goes to the file. Returns the log file's path.
+    """
+    import ray.data
+
+    global _quiet
+    _quiet = True
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    try:  # this process may have imported transformers already (env vars are read at import)
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / "ray.log"
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setLevel(logging.INFO)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logger = logging.getLogger(name)
+        for h in logger.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.setLevel(max(h.level, logging.WARNING))
+                h.addFilter(_DropBenign())
+        if name in ("ray", "ray.data") and not any(getattr(h, "baseFilename", None) == str(path.resolve())
+                                                   for h in logger.handlers):
+            logger.addHandler(file_handler)  # ray.data does not propagate to "ray"
+    return path

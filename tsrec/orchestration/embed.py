@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import ray
-from tsrec.orchestration.cluster import ensure_ray
+from tsrec.orchestration.cluster import DATA_ACTOR_POOL_ARGS, ensure_ray
 
 from tsrec.config import Config
 from tsrec.embed import TextEncoder, encoder_kwargs, item_texts
@@ -56,6 +56,7 @@ def embed_items_ray(cfg: Config, items: pa.Table) -> np.ndarray:
         num_cpus=res.cpus_per_worker,
         num_gpus=res.gpus_per_worker,
         batch_format="numpy",
+        **DATA_ACTOR_POOL_ARGS,  # see cluster.py: no core_worker ERROR line per pool
     )
     ids_parts, emb_parts = [], []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

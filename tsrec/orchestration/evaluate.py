@@ -4,7 +4,8 @@
 
 Rows of the split are cut into contiguous shards **on batch boundaries** (``cfg.eval.batch_size``),
 one per ``EvalActor`` (``cfg.resources.eval.workers`` actors, each with
-``cfg.resources.eval.gpus_per_worker`` GPUs and ``cpus_per_worker`` CPUs). Every actor loads the model
+``cfg.resources.eval.gpus_per_worker`` GPUs and ``cpus_per_worker`` CPUs; see :func:`resolve_eval_placement`
+for the defaults). Every actor loads the model
 once, decodes its shard with :func:`tsrec.decode.evaluate.evaluate_shard` and returns per-row
 results; the driver merges them in row order and writes ``rankings.parquet``, ``metrics.json`` and
 ``manifest.json``. Because every prompt lands in the same batch whatever the number of workers,
@@ -13,6 +14,7 @@ results do not depend on sharding. With one worker everything runs in-process, w
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,35 @@ def shard_rows(rows: list[Any], workers: int, batch_size: int) -> list[list[Any]
     return shards
 
 
+class EvalPlacementError(ValueError):
+    """The eval resources ask for a device the actors would not own (e.g. CUDA on a zero-GPU actor)."""
+
+
+def resolve_eval_placement(gpus_per_worker: float | None, device: str, cluster_gpus: float) -> tuple[float, str]:
+    """``(num_gpus per actor, eval device for the actor)`` from the config and the cluster's GPU count.
+
+    Ray 2.60 no longer sets ``CUDA_VISIBLE_DEVICES=""`` for actors with ``num_gpus=0``: every such
+    actor sees all GPUs and ``device=auto`` would put all of them on ``cuda:0``. So:
+
+    - ``gpus_per_worker=None`` (default): 1 GPU per actor when the cluster has GPUs, else 0;
+    - an actor with 0 GPUs decodes on CPU explicitly (``device=auto`` -> ``cpu``);
+    - 0 GPUs with an explicit CUDA device is an :class:`EvalPlacementError` (actors would share GPUs
+      Ray does not know they use);
+    - a fractional GPU is allowed when asked for explicitly (several actors per GPU, by choice).
+    """
+    gpus = (1.0 if cluster_gpus >= 1 else 0.0) if gpus_per_worker is None else float(gpus_per_worker)
+    if gpus < 0:
+        raise EvalPlacementError(f"resources.eval.gpus_per_worker must be >= 0, got {gpus_per_worker}")
+    if gpus == 0:
+        if device.startswith("cuda"):
+            raise EvalPlacementError(
+                f"eval.device={device} with resources.eval.gpus_per_worker=0: zero-GPU Ray actors all see every "
+                "GPU and would share it; set resources.eval.gpus_per_worker (or leave it unset) or eval.device=cpu"
+            )
+        return 0.0, "cpu" if device == "auto" else device
+    return gpus, device
+
+
 def _actor_class():
     import ray
 
@@ -44,7 +75,7 @@ def _actor_class():
         def run(self, cfg: Config, model_dir: str, sids_dir: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             import torch
 
-            if not torch.cuda.is_available():
+            if cfg.eval.device == "cpu" or not torch.cuda.is_available():
                 torch.set_num_threads(max(1, int(cfg.resources.eval.cpus_per_worker)))
             return evaluate_shard(cfg, model_dir, sids_dir, rows)
 
@@ -71,10 +102,12 @@ def run_eval(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, out_d
     rows = load_rows(cfg, data_dir, sids_dir)
     shards = shard_rows(rows, workers, cfg.eval.batch_size)
     res = cfg.resources.eval
-    actor_cls = _actor_class().options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker)
+    gpus, device = resolve_eval_placement(res.gpus_per_worker, cfg.eval.device, ray.cluster_resources().get("GPU", 0))
+    actor_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, device=device))
+    actor_cls = _actor_class().options(num_cpus=res.cpus_per_worker, num_gpus=gpus)
     actors = [actor_cls.remote() for _ in shards]
     try:
-        parts = ray.get([a.run.remote(cfg, str(model_dir), str(sids_dir), s) for a, s in zip(actors, shards)])
+        parts = ray.get([a.run.remote(actor_cfg, str(model_dir), str(sids_dir), s) for a, s in zip(actors, shards)])
     finally:
         for a in actors:
             ray.kill(a)

@@ -7,10 +7,12 @@ Stages (``pipeline.stages`` in the config) write under ``run.out_dir``:
     semantics/  description_keywords.json, semantics.parquet       (tsrec semantics extract)
     model/      Hugging Face folder with SID tokens, SA-Init       (tsrec model init)
     sft/        model/ (HF folder), metrics.csv, loss.png          (tsrec sft, Ray Train + DeepSpeed)
+    rl/         model/ (best on valid), metrics.csv, rl.png         (tsrec rl, GRPO on Ray Train + DeepSpeed)
     eval/       metrics.json, rankings.parquet                     (tsrec eval, sharded over actors)
 
 A stage is skipped when its folder is complete (``manifest.json`` exists) and was produced with the
-same resolved config; otherwise it reruns. ``--force`` reruns everything.
+same resolved config; otherwise it reruns. ``--force`` reruns everything, and SFT then starts over
+instead of resuming its run (a changed config gets a new SFT run identity and starts fresh anyway).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from tsrec.artifacts import atomic_write_json, is_complete, read_manifest
 from tsrec.config import Config, save_config
 
-STAGE_DIRS = {"data": "data", "sid": "sids", "semantics": "semantics", "model": "model", "sft": "sft", "eval": "eval"}
+STAGE_DIRS = {"data": "data", "sid": "sids", "semantics": "semantics", "model": "model", "sft": "sft", "rl": "rl", "eval": "eval"}
 
 
 def _data(cfg: Config, root: Path) -> dict:
@@ -55,7 +57,7 @@ def _model(cfg: Config, root: Path) -> dict:
     return init_model(cfg, root / "sids", teacher if teacher.exists() else None, root / "model")
 
 
-def _sft(cfg: Config, root: Path) -> dict:
+def _sft(cfg: Config, root: Path, force: bool = False) -> dict:
     from tsrec.orchestration.train import run_sft
 
     return run_sft(
@@ -65,13 +67,23 @@ def _sft(cfg: Config, root: Path) -> dict:
         sids_dir=root / "sids",
         semantics_file=root / "semantics" / "description_keywords.json",
         out_dir=root / "sft",
+        force=force,
     )
+
+
+def _rl(cfg: Config, root: Path, force: bool = False) -> dict:
+    from tsrec.orchestration.rl import run_rl
+
+    return run_rl(cfg, model_dir=root / "sft" / "model", data_dir=root / "data", sids_dir=root / "sids",
+                  semantics_file=root / "semantics" / "description_keywords.json", out_dir=root / "rl", force=force)
 
 
 def _eval(cfg: Config, root: Path) -> dict:
     from tsrec.orchestration.evaluate import run_eval
 
-    model = root / "sft" / "model" if "sft" in cfg.pipeline.stages else root / "model"
+    # The last training stage's model: RL (best on valid), else SFT, else the initialised model.
+    model = (root / "rl" / "model" if "rl" in cfg.pipeline.stages
+             else root / "sft" / "model" if "sft" in cfg.pipeline.stages else root / "model")
     return run_eval(cfg, model, root / "data", root / "sids", root / "eval")
 
 
@@ -81,6 +93,7 @@ STAGES: dict[str, Callable[[Config, Path], dict]] = {
     "semantics": _semantics,
     "model": _model,
     "sft": _sft,
+    "rl": _rl,
     "eval": _eval,
 }
 
@@ -107,6 +120,7 @@ STAGE_SECTIONS = {
     "semantics": ["teacher"],
     "model": ["model", "sa_init"],
     "sft": ["sft", "prompts"],
+    "rl": ["rl", "prompts"],
     "eval": ["eval", "prompts"],
 }
 
@@ -118,26 +132,39 @@ def _config_hash(cfg: Config, stage: str) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _manifest_sha(stage_dir: Path) -> str | None:
+    path = stage_dir / "manifest.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
 def _up_to_date(cfg: Config, stage: str, stage_dir: Path) -> bool:
-    """Complete (manifest written) and produced by `tsrec run` with the same resolved config."""
+    """Complete (manifest written) and produced by `tsrec run` with the same resolved config.
+
+    The marker also pins the manifest it was written with: a stage command run by hand into the same
+    folder afterwards (e.g. `tsrec sft` with another lr) replaces the outputs, so they are not skipped."""
     marker = stage_dir / MARKER
     if not is_complete(stage_dir) or not marker.exists():
         return False
     try:
-        return json.loads(marker.read_text()).get("config_sha256") == _config_hash(cfg, stage)
+        found = json.loads(marker.read_text())
     except (ValueError, OSError):
         return False
+    return found.get("config_sha256") == _config_hash(cfg, stage) and found.get("manifest_sha256") == _manifest_sha(stage_dir)
 
 
-def run_pipeline(cfg: Config, force: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Run ``cfg.pipeline.stages`` in order; returns ``{stage: stats}`` and writes ``pipeline.json``."""
+def run_pipeline(cfg: Config, force: bool = False, log: Callable[[str], None] = print, verbose: bool = False) -> dict:
+    """Run ``cfg.pipeline.stages`` in order; returns ``{stage: stats}`` and writes ``pipeline.json``,
+    ``report.md`` / ``report.html``, and ends with the summary (metrics table, report path) on ``log``.
+
+    Ray's own progress and INFO lines go to ``<out>/logs/ray.log`` unless ``verbose`` (when this
+    process starts or joins Ray; a process already connected keeps its setup)."""
     from tsrec.orchestration.cluster import ensure_ray
 
     validate_stages(cfg)
     root = Path(cfg.run.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root / "config.yaml")
-    ensure_ray(cfg)
+    ensure_ray(cfg, log_dir=None if verbose else root / "logs")
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
     for name in cfg.pipeline.stages:
@@ -148,10 +175,20 @@ def run_pipeline(cfg: Config, force: bool = False, log: Callable[[str], None] = 
             continue
         log(f"[tsrec run] {name}: running -> {stage_dir}")
         t0 = time.perf_counter()
-        results[name] = STAGES[name](cfg, root) or {}
+        # --force must not resume a half-done or finished SFT run: it starts that run over.
+        results[name] = (STAGES[name](cfg, root, force=True) if force and name in ("sft", "rl") else STAGES[name](cfg, root)) or {}
         timings[name] = round(time.perf_counter() - t0, 2)
-        atomic_write_json(stage_dir / MARKER, {"stage": name, "config_sha256": _config_hash(cfg, name), "seconds": timings[name]})
+        atomic_write_json(stage_dir / MARKER, {"stage": name, "config_sha256": _config_hash(cfg, name),
+                                               "manifest_sha256": _manifest_sha(stage_dir), "seconds": timings[name]})
         log(f"[tsrec run] {name}: done in {timings[name]} s")
+        if name == "semantics" and results[name].get("tokens_requested"):  # METHOD.md 1.4 contract outcome
+            r = results[name]
+            log(f"[tsrec run] semantics: {r['ok']}/{r['tokens_requested']} tokens with valid semantics "
+                f"({r['valid_share']:.1%}); the rest are initialised without them (tsrec model init)")
     summary = {"out_dir": str(root), "stages": results, "timing_s": timings}
     atomic_write_json(root / "pipeline.json", json.loads(json.dumps(summary, default=str)))
+    from tsrec.report import console_summary, write_report
+
+    write_report(root)
+    log(console_summary(root))
     return summary

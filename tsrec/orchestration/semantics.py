@@ -19,9 +19,19 @@ default ``ray.data.llm`` config waits forever for a GPU on a CPU cluster, so it 
 
 Resume: every engine batch is written to ``parts/`` as soon as it arrives on the driver, so a
 killed run loses at most the batches in flight. A rerun skips every token that has an ``ok`` record
-with the same request hash (same engine, model, prompt and decoding settings); failed tokens are
-requested again (a rerun is the natural place to retry them; their earlier failures stay in parts/)
-unless ``teacher.retry_failed`` is false, which keeps their reported failure.
+with the same request hash (same engine, model, weights fingerprint, prompt, decoding settings and
+contract limits; ``teacher.weights_fingerprint``). A failed token with the same request hash is
+requested again only when that can change the answer: when sampling (``temperature > 0``) with
+``teacher.retry_failed=true`` (default; a greedy failure would repeat itself), always with
+``teacher.retry_failed=force``, never with ``false``. Its earlier failures stay in parts/.
+
+hf actors: ``max_tasks_in_flight_per_actor=1``, so Ray Data hands each actor one block at a time and
+every actor works (with the default 2 in flight, one actor took both blocks of a 2-block run and the
+other idled). Each part records the ``worker`` (``host:pid``) that produced it.
+
+vllm error rows: with ``should_continue_on_error`` Ray 2.60 returns rows that vLLM failed without
+running the postprocess (no ``status``; ``__inference_error__`` set); :func:`finish_vllm_batch` turns
+them into ``failed`` records with the engine's reason, in a block of only error rows or a mixed one.
 ``teacher.limit`` extracts only the first N tokens (smoke runs); a later run without it completes the rest.
 
     tsrec semantics extract --sids runs/x/sids --data runs/x/data --out runs/x/semantics --engine hf
@@ -45,7 +55,7 @@ from tsrec.artifacts import InputError, atomic_write_json, file_sha256, staging_
 from tsrec.config import Config
 from tsrec.semantics.clusters import build_clusters, cluster_stats
 from tsrec.semantics.records import validate_record_set, write_teacher_file
-from tsrec.semantics.teacher import OUTPUT_COLUMNS, TEACHER_ENGINES, request_rows
+from tsrec.semantics.teacher import OUTPUT_COLUMNS, TEACHER_ENGINES, request_rows, weights_fingerprint
 from tsrec.sid.index import read_index
 
 PARTS = "parts"
@@ -81,12 +91,13 @@ def extract_semantics(cfg: Config, sids_dir: Path, data_dir: Path, out_dir: Path
         if unknown:
             raise InputError(Path(data_dir) / "items.parquet", f"{len(unknown)} indexed items are missing, e.g. {unknown[:3]}",
                              field="item_id")
-        rows = request_rows(clusters, titles, descriptions, tcfg, engine, tcfg.model or model_path)
+        rows = request_rows(clusters, titles, descriptions, tcfg, engine, tcfg.model or model_path,
+                            weights_fingerprint(Path(model_path) / gguf if gguf else model_path))
 
     # --- 2. resume: skip tokens finished under the same request hash ---
     parts_dir = out_dir / PARTS
     finished = _read_parts(parts_dir)
-    keep = finished["status"] == "ok" if tcfg.retry_failed else finished["status"].isin(["ok", "failed"])
+    keep = finished["status"].isin(["ok", "failed"]) if keeps_failures(tcfg) else finished["status"] == "ok"
     done_hashes = set(finished.loc[keep, "request_hash"]) if len(finished) else set()
     pending = [r for r in rows if r["request_hash"] not in done_hashes]
     print(f"semantics: {len(rows)} tokens requested, {len(rows) - len(pending)} already done, "
@@ -119,7 +130,7 @@ def extract_semantics(cfg: Config, sids_dir: Path, data_dir: Path, out_dir: Path
         extra = [t for t in TEACHER_ENGINES["file"](model_path).records if t not in known]
     stats = {
         "engine": engine, "model": tcfg.model or model_path, "tokens_in_index": len(order), "tokens_requested": len(rows),
-        "ok": len(records), "failed": len(failures), "resumed": len(rows) - len(pending), "extracted_this_run": len(pending),
+        "ok": len(records), "failed": len(failures), "valid_share": round(len(records) / max(1, len(rows)), 4), "resumed": len(rows) - len(pending), "extracted_this_run": len(pending),
         "engine_s": round(engine_s, 3), "records_per_s": round(len(pending) / engine_s, 4) if pending and engine_s > 0 else None,
         "attempts_histogram": {str(k): int(v) for k, v in merged["attempts"].value_counts().sort_index().items()},
         "records_with_warnings": len(validation["warnings"]), "duplicate_descriptions": validation["duplicate_descriptions"],
@@ -149,13 +160,22 @@ def extract_semantics(cfg: Config, sids_dir: Path, data_dir: Path, out_dir: Path
 # --------------------------------------------------------------------------------------------------
 
 
+def keeps_failures(tcfg: Any) -> bool:
+    """Whether a rerun keeps a failure recorded under the same request hash (see the module docstring)."""
+    if tcfg.retry_failed == "force":
+        return False
+    if tcfg.retry_failed is False:
+        return True
+    return tcfg.temperature <= 0  # greedy: the same request gives the same failure
+
+
 def _run_hf(cfg: Config, pending: list[dict[str, Any]], model_path: str, gguf: str | None, parts_dir: Path) -> None:
     """HFTeacher on a Ray Data actor pool; parts are written on the driver as output blocks arrive."""
     import ray
 
     from tsrec.semantics.teacher import HFTeacher
 
-    from tsrec.orchestration.cluster import ensure_ray  # lazy: the file engine never imports ray
+    from tsrec.orchestration.cluster import DATA_ACTOR_POOL_ARGS, ensure_ray  # lazy: the file engine never imports ray
 
     ensure_ray(cfg)
     res, bs = cfg.resources.teacher, max(1, cfg.teacher.batch_size)
@@ -169,40 +189,94 @@ def _run_hf(cfg: Config, pending: list[dict[str, Any]], model_path: str, gguf: s
         fn_constructor_kwargs=HFTeacher.constructor_kwargs(cfg.teacher, cfg.run.seed, model_path, gguf,
                                                            num_threads=max(1, int(res.cpus_per_worker))),
         batch_size=bs,
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        # One block per actor at a time: with Ray's default (2 in flight) one actor can take every block.
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
         num_cpus=res.cpus_per_worker,
         num_gpus=res.gpus_per_worker or None,
         batch_format="numpy",
+        **DATA_ACTOR_POOL_ARGS,  # see cluster.py: no core_worker ERROR line per pool
     )
+    done = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
         _write_part(parts_dir, batch)
+        done += len(batch)  # one progress line per finished batch (Ray Data's own progress goes to the log)
+        print(f"semantics: {done}/{len(pending)} tokens extracted", file=sys.stderr, flush=True)
+
+
+def vllm_gpus_needed(cfg: Config) -> int:
+    """GPUs the vllm engine holds at once: ``tensor_parallel_size`` per engine replica x ``teacher.concurrency``."""
+    return max(1, cfg.teacher.tensor_parallel_size) * max(1, cfg.teacher.concurrency)
+
+
+def check_vllm_resources(cfg: Config, resources: dict[str, float]) -> None:
+    """Refuse up front what ``ray.data.llm`` would wait for forever (STACK.md 5.2).
+
+    Raises:
+        RuntimeError: fewer GPUs than :func:`vllm_gpus_needed`, or no node of ``teacher.accelerator_type``.
+    """
+    need, have = vllm_gpus_needed(cfg), resources.get("GPU", 0)
+    if have < need:
+        raise RuntimeError(
+            f"teacher.engine=vllm needs {need} GPU(s) (tensor_parallel_size={cfg.teacher.tensor_parallel_size} x "
+            f"concurrency={cfg.teacher.concurrency}) but the Ray cluster has {have:g}; ray.data.llm would wait "
+            "forever (STACK.md 5.2). Lower teacher.concurrency / tensor_parallel_size, or use teacher.engine=hf on CPU")
+    acc = cfg.teacher.accelerator_type
+    if acc and not any(k == f"accelerator_type:{acc}" for k in resources):
+        known = sorted(k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:"))
+        raise RuntimeError(f"teacher.accelerator_type={acc!r}: no such node in the Ray cluster (has {known})")
+
+
+def finish_vllm_batch(batch: pd.DataFrame, teacher: Any) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Split one ``ray.data.llm`` output block into final records and rows to retry.
+
+    Rows that vLLM failed come back without the postprocess (``__inference_error__`` set, no
+    ``status``; in a mixed block pandas fills their ``status`` with NaN): they become ``failed``
+    records through ``teacher.error_record``. Returns ``(records with OUTPUT_COLUMNS, retry rows)``.
+    """
+    n = len(batch)
+    err = (batch["__inference_error__"].fillna("").astype(str) != "") if "__inference_error__" in batch \
+        else pd.Series(False, index=batch.index)
+    err = err | (batch["status"].isna() if "status" in batch else pd.Series(True, index=batch.index))
+    errors = pd.DataFrame([teacher.error_record(r) for r in batch[err].to_dict("records")], columns=list(OUTPUT_COLUMNS))
+    good = batch[~err]
+    again = good["status"] == "retry" if n and len(good) else pd.Series(False, index=good.index)
+    parts = [f for f in (good[~again].reindex(columns=list(OUTPUT_COLUMNS)), errors) if len(f)]
+    done = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(OUTPUT_COLUMNS))
+    for col in ("level", "n_items", "attempts"):  # NaN from a mixed block never reaches the merge
+        done[col] = done[col].astype("int64")
+    retry = [{**{k: r[k] for k in ("token", "level", "n_items", "sample_item_ids", "request_hash", "context",
+                                    "attempt_errors")}, "attempt": int(r["attempt"]) + 1}
+             for r in good[again].to_dict("records")]
+    return done, retry
 
 
 def _run_vllm(cfg: Config, pending: list[dict[str, Any]], model_path: str, parts_dir: Path) -> None:
-    """ray.data.llm + vLLM. Rows the postprocess marks ``retry`` go round again with the strict prompt."""
+    """ray.data.llm + vLLM. Rows the postprocess marks ``retry`` go round again with the strict prompt.
+
+    A retry round runs the processor on a new dataset, and Ray Data starts that execution's engine actors
+    anew (an actor pool lives as long as one Dataset execution; a pipeline cannot feed rows back to its own
+    start, and chaining a second processor for the retries would hold a second set of GPUs for the whole
+    run). With structured outputs (``teacher.guided``, the default) answers are valid JSON by
+    construction, so retry rounds are rare: only contract breaches go round again.
+    """
     import ray
 
     from tsrec.orchestration.cluster import ensure_ray  # lazy: the file engine never imports ray
 
     ensure_ray(cfg)
-    if ray.cluster_resources().get("GPU", 0) < 1:
-        raise RuntimeError("teacher.engine=vllm needs GPUs in the Ray cluster (ray.data.llm waits forever for one "
-                           "on CPU, STACK.md 5.2); use teacher.engine=hf on CPU")
-    processor = build_vllm_processor(cfg, model_path)
+    check_vllm_resources(cfg, ray.cluster_resources())
+    processor, teacher = build_vllm_processor(cfg, model_path, with_teacher=True)
     rows = [{**r, "attempt": 1, "attempt_errors": "[]"} for r in pending]
     while rows:
         retry: list[dict[str, Any]] = []
         for batch in processor(ray.data.from_items(rows)).iter_batches(batch_size=None, batch_format="pandas"):
-            again = batch["status"] == "retry"
-            if (~again).any():
-                _write_part(parts_dir, batch[~again])
-            for r in batch[again].to_dict("records"):
-                retry.append({**{k: r[k] for k in ("token", "level", "n_items", "sample_item_ids", "request_hash",
-                                                    "context", "attempt_errors")}, "attempt": int(r["attempt"]) + 1})
+            done, again = finish_vllm_batch(batch, teacher)
+            _write_part(parts_dir, done)
+            retry.extend(again)
         rows = retry
 
 
-def build_vllm_processor(cfg: Config, model_path: str):
+def build_vllm_processor(cfg: Config, model_path: str, with_teacher: bool = False):
     """The ``ray.data.llm`` processor of the vllm engine. Building is lazy and safe on CPU; running is not."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -210,8 +284,9 @@ def build_vllm_processor(cfg: Config, model_path: str):
 
     teacher = VllmTeacher(**VllmTeacher.constructor_kwargs(cfg.teacher, cfg.run.seed, model_path,
                                                            concurrency=max(1, cfg.teacher.concurrency)))
-    return build_processor(vLLMEngineProcessorConfig(**teacher.processor_config_kwargs()),
-                           preprocess=teacher.preprocess, postprocess=teacher.postprocess)
+    processor = build_processor(vLLMEngineProcessorConfig(**teacher.processor_config_kwargs()),
+                                preprocess=teacher.preprocess, postprocess=teacher.postprocess)
+    return (processor, teacher) if with_teacher else processor
 
 
 # --------------------------------------------------------------------------------------------------

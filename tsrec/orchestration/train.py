@@ -5,11 +5,17 @@
 
 Workers, CPUs and GPUs per worker come from ``resources.sft``; checkpoints go to ``sft.storage_path``
 (a local absolute path or a cloud URI such as ``s3://bucket/runs``; empty = ``<out>/ray``) under the
-run name ``<run.name>-sft``. ``FailureConfig(max_failures=sft.max_failures)``: a worker that dies
-takes the group down, Ray Train restarts it and every worker resumes from the last reported checkpoint
-(model, optimizer, scheduler, data position, RNG), so the loss curve continues where it stopped.
-Rerunning the same command with the same name and storage resumes too (Ray 2.60 has no
-``resume_from_checkpoint``; STACK.md 3.3).
+run name ``<run.name>-sft-<identity>``. ``FailureConfig(max_failures=sft.max_failures)``: a worker that
+dies takes the group down, Ray Train restarts it and every worker resumes from the last reported
+checkpoint (model, optimizer, scheduler, data position, RNG), so the loss curve continues where it stopped.
+
+The identity (``tsrec.sft.checkpoint.run_identity``) hashes the resolved ``sft`` config (minus log/save
+cadence, storage, fault-tolerance keys and ``max_steps``), ``prompts``, the seed, the worker count and
+fingerprints of the inputs. Rerunning the same command with the same identity resumes (Ray 2.60 has no
+``resume_from_checkpoint``; STACK.md 3.3); a changed config or input gets another run folder and starts
+fresh (the loop also checks the identity stored in each checkpoint). Folders of other identities are
+left in place, not deleted: going back to an earlier config resumes (or reuses) that run. ``force=True``
+(``tsrec run --force``) deletes this identity's run folder first, so it never resumes.
 
 Outputs in ``--out``: ``model/`` (the best-on-valid Hugging Face folder, else the final one, with the
 tokenizer), ``metrics.csv``, ``loss.png``, ``tensorboard/``, ``summary.json``, ``manifest.json``.
@@ -24,13 +30,13 @@ from typing import Any
 
 from tsrec.artifacts import InputError, staging_dir, write_manifest
 from tsrec.config import Config, config_from_manifest_dict
-from tsrec.orchestration.cluster import ensure_ray
+from tsrec.orchestration.cluster import ensure_ray, train_logging_config
 
 
 class RayTrainContext:
     """``RunContext`` inside a ``TorchTrainer`` worker: forwards to ``ray.train``."""
 
-    def __init__(self, artifacts_uri: str):
+    def __init__(self, artifacts_uri: str, checkpoint=None):
         import ray.train
 
         tc = ray.train.get_context()
@@ -40,16 +46,25 @@ class RayTrainContext:
 
         self.device = str(ray.train.torch.get_device())
         self.artifacts_uri = artifacts_uri
-        self._resume = None
-        ckpt = ray.train.get_checkpoint()
+        self._resume, self._cm = None, None
+        ckpt = checkpoint if checkpoint is not None else ray.train.get_checkpoint()
         if ckpt is not None:
-            # Kept open for the life of the worker: local storage is used in place, cloud is downloaded.
+            # Local storage is used in place; a cloud checkpoint is downloaded to a temporary folder
+            # that lives until release_resume() (the loop calls it once loaded) or close().
             self._cm = ckpt.as_directory()
             self._resume = Path(self._cm.__enter__())
 
     @property
     def resume_dir(self) -> Path | None:
         return self._resume
+
+    def release_resume(self) -> None:
+        """Exit ``as_directory()``: deletes a downloaded checkpoint copy (nothing for local storage)."""
+        cm, self._cm = self._cm, None
+        if cm is not None:
+            cm.__exit__(None, None, None)
+
+    close = release_resume
 
     def report(self, step: int, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         import ray.train
@@ -63,10 +78,14 @@ class RayTrainContext:
 
 
 def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semantics_file: Path | None,
-            out_dir: Path) -> dict[str, Any]:
-    """Run SFT on Ray Train and collect its outputs in ``out_dir`` (the function ``tsrec sft`` calls)."""
+            out_dir: Path, force: bool = False) -> dict[str, Any]:
+    """Run SFT on Ray Train and collect its outputs in ``out_dir`` (the function ``tsrec sft`` calls).
+
+    Resumes a run with the same identity (see the module doc); ``force`` starts it over instead."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from tsrec.sft.checkpoint import run_identity
 
     # --- 1. validate inputs before starting anything ---
     model_dir, data_dir, sids_dir, out_dir = (Path(p).resolve() for p in (model_dir, data_dir, sids_dir, out_dir))
@@ -86,9 +105,14 @@ def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semant
 
     # --- 2. trainer ---
     res = cfg.resources.sft
-    name = f"{cfg.run.name}-sft"
+    identity = run_identity(cfg, {"model": model_dir, "data": data_dir, "sids": sids_dir, "semantics": semantics_file},
+                            res.workers)
+    name = f"{cfg.run.name}-sft-{identity}"
     storage = cfg.sft.storage_path or str(out_dir / "ray")
-    artifacts = f"{storage.rstrip('/')}/{name}/artifacts"
+    run_uri = f"{storage.rstrip('/')}/{name}"
+    artifacts = f"{run_uri}/artifacts"
+    if force:
+        delete_tree(run_uri)  # checkpoints and artifacts of this identity: nothing to resume from
     ensure_ray(cfg)
     worker_resources = {"CPU": res.cpus_per_worker}
     if res.gpus_per_worker > 0:
@@ -101,7 +125,8 @@ def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semant
                                      resources_per_worker=worker_resources),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.sft.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=train_logging_config()),  # quiet `tsrec run`: WARNING
     )
     result = trainer.fit()
     if getattr(result, "error", None) is not None:
@@ -117,7 +142,7 @@ def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semant
             shutil.move(str(item), stage / item.name)
         shutil.rmtree(fetched)
         summary = summarize(stage / "metrics.csv")
-        summary.update(model=chosen, storage=storage, name=name, checkpoint=str(result.checkpoint.path) if result.checkpoint else None)
+        summary.update(model=chosen, storage=storage, name=name, identity=identity, checkpoint=str(result.checkpoint.path) if result.checkpoint else None)
         (stage / "summary.json").write_text(json.dumps(summary, indent=2))
         write_manifest(stage, "sft", cfg, inputs={"model": model_dir, "data": data_dir, "sids": sids_dir,
                                                   **({"semantics": semantics_file} if semantics_file else {})},
@@ -132,7 +157,10 @@ def _train_worker(config: dict[str, Any]) -> None:
     cfg = config_from_manifest_dict(config["cfg"])
     ctx = RayTrainContext(config["artifacts"])
     sem = Path(config["semantics"]) if config["semantics"] else None
-    train_sft(cfg, Path(config["model"]), Path(config["data"]), Path(config["sids"]), sem, ctx)
+    try:
+        train_sft(cfg, Path(config["model"]), Path(config["data"]), Path(config["sids"]), sem, ctx)
+    finally:
+        ctx.close()  # a downloaded checkpoint is deleted even when the loop fails before loading it
 
 
 def summarize(metrics_csv: Path) -> dict[str, Any]:
@@ -157,6 +185,15 @@ def copy_tree(src: str, dest: str) -> None:
         dest_fs.delete_dir(dest_path)
     dest_fs.create_dir(dest_path, recursive=True)
     pafs.copy_files(src_path, dest_path, source_filesystem=src_fs, destination_filesystem=dest_fs)
+
+
+def delete_tree(uri: str) -> None:
+    """Delete folder ``uri`` (local path or cloud URI) if it exists."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
 
 
 def _fs(uri: str):

@@ -2,7 +2,10 @@
 
 Errors (:class:`AnswerError`, the answer is unusable): no complete JSON object (truncated or missing),
 a missing key, an empty description, keywords not a list of strings or empty after cleaning, a SID
-token string in the text. Warnings (the record is kept and the warning recorded): description words or
+token string in the text, and, when a :class:`Contract` is given (the hf and vllm engines), any breach
+of the METHOD.md 1.4 contract: description words or keyword count out of range, duplicate keywords,
+stopword-only keyphrases ("of", "the"), over-long keyphrases, URLs, runs copied from the instruction.
+Warnings (without a contract) (the record is kept and the warning recorded): description words or
 keyword count outside the contract, over-long keyphrases, dropped duplicate keywords, text around the
 JSON object. Key case is normalised (``"Keywords"`` is the ``keywords`` key).
 """
@@ -11,10 +14,78 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from tsrec.semantics.records import record_warnings
 from tsrec.sid.index import TOKEN_RE
+
+# A keyphrase made only of these words says nothing ("of", "the", "and more").
+STOPWORDS = frozenset(
+    "a an and are as at be but by for from has have in into is it its more of on or other others etc "
+    "that the their them these they this those to with without".split())
+URL_RE = re.compile(r"https?://|\bwww\.|\b[\w-]+\.(?:com|net|org|io|co\.uk)\b", re.IGNORECASE)
+_WORD_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+@dataclass(frozen=True)
+class Contract:
+    """The METHOD.md 1.4 quality contract, enforced: a violation makes the answer unusable (``AnswerError``).
+
+    Limits come from ``teacher.*`` (:meth:`from_config`). ``instruction`` is the prompt's instruction text;
+    a description holding a run of ``instruction_copy_words`` of its words copies the instruction.
+    """
+
+    min_words: int = 55
+    max_words: int = 120
+    min_keywords: int = 15
+    max_keywords: int = 26
+    max_keyword_words: int = 6
+    instruction_copy_words: int = 6
+    instruction: str = ""
+
+    @classmethod
+    def from_config(cls, tcfg: Any, instruction: str = "") -> "Contract":
+        return cls(tcfg.min_description_words, tcfg.max_description_words, tcfg.min_keywords, tcfg.max_keywords,
+                   tcfg.max_keyword_words, tcfg.instruction_copy_words, instruction)
+
+    def violations(self, description: str, keywords: Sequence[str], raw_keywords: Sequence[str]) -> list[str]:
+        """Every rule the record breaks, as reasons ('' list = it meets the contract)."""
+        out = []
+        words = len(description.split())
+        if not self.min_words <= words <= self.max_words:
+            out.append(f"description has {words} words (contract {self.min_words}-{self.max_words})")
+        if not self.min_keywords <= len(keywords) <= self.max_keywords:
+            out.append(f"{len(keywords)} keywords (contract {self.min_keywords}-{self.max_keywords})")
+        dupes = len(raw_keywords) - len(keywords)
+        if dupes:
+            out.append(f"{dupes} duplicate or empty keyword(s)")
+        stop = [k for k in keywords if all(w in STOPWORDS for w in _WORD_RE.findall(k.lower()))]
+        if stop:
+            out.append(f"stopword keyphrase(s) {stop[:3]}")
+        long = [k for k in keywords if len(k.split()) > self.max_keyword_words]
+        if long:
+            out.append(f"{len(long)} keyphrase(s) longer than {self.max_keyword_words} words")
+        if URL_RE.search(description) or any(URL_RE.search(k) for k in keywords):
+            out.append("URL in the answer")
+        copied = self.copied_run(description)
+        if copied:
+            out.append(f"copies the instruction ({copied!r})")
+        return out
+
+    def copied_run(self, description: str) -> str:
+        """The first run of ``instruction_copy_words`` words shared with the instruction ('' if none)."""
+        n = self.instruction_copy_words
+        if n <= 0 or not self.instruction:
+            return ""
+        ref = _WORD_RE.findall(self.instruction.lower())
+        grams = {tuple(ref[i:i + n]) for i in range(len(ref) - n + 1)}
+        words = _WORD_RE.findall(description.lower())
+        for i in range(len(words) - n + 1):
+            if tuple(words[i:i + n]) in grams:
+                return " ".join(words[i:i + n])
+        return ""
 
 
 class AnswerError(ValueError):
@@ -50,8 +121,8 @@ def extract_json_object(text: str) -> tuple[dict[str, Any], bool]:
     return obj, bool(outside)
 
 
-def parse_answer(text: str) -> tuple[str, list[str], list[str]]:
-    """Validate one teacher answer.
+def parse_answer(text: str, contract: Contract | None = None) -> tuple[str, list[str], list[str]]:
+    """Validate one teacher answer; with ``contract``, its violations are errors (else warnings).
 
     Returns:
         ``(description, keywords, warnings)``: whitespace-collapsed description, cleaned keywords
@@ -84,6 +155,10 @@ def parse_answer(text: str) -> tuple[str, list[str], list[str]]:
         raise AnswerError("empty keyword list")
     if TOKEN_RE.search(desc) or any(TOKEN_RE.search(k) for k in keywords):
         raise AnswerError("SID token string in the answer")
+    if contract is not None:
+        broken = contract.violations(desc, keywords, kws_in)
+        if broken:
+            raise AnswerError("contract: " + "; ".join(broken))
     warnings = record_warnings(desc, keywords)
     if len(keywords) < len(kws_in):
         warnings.append(f"{len(kws_in) - len(keywords)} empty or duplicate keywords dropped")

@@ -5,15 +5,20 @@ shape: it repeats item lines and never closes the object. The guided attempt kee
 author of every word and lets the decoder hold the structure:
 
 1. The assistant turn is prefilled with ``{"description": "`` and the description is generated
-   greedily (batched ``generate``, ``teacher.guided_repetition_penalty`` and
-   ``teacher.guided_no_repeat_ngram_size``) with newlines, escapes and markup characters
-   (:data:`BANNED_CHARS`, also digits) forbidden, until the model writes a ``"`` (allowed after
-   ``teacher.guided_min_description_tokens``) or end of turn, or reaches
-   ``teacher.guided_description_tokens``. At the cap the text is cut at its last complete sentence
-   (warning ``description truncated at token cap``); nothing left is a failure.
-2. The keywords are generated one at a time, per row, on a KV cache: the decoder appends
-   ``", "keywords": ["`` and the model writes one keyphrase until ``"`` (at most
-   ``teacher.guided_keyword_tokens`` tokens); then ``", "`` is appended and the next one follows.
+   greedily (batched ``generate``; ``teacher.guided_repetition_penalty`` and
+   ``teacher.guided_no_repeat_ngram_size`` apply to the answer only, so the opening the prompt asks
+   for, "This product family", stays allowed) with newlines, escapes and markup characters
+   (:data:`BANNED_CHARS`) forbidden, until the model writes a ``"`` (allowed after
+   ``teacher.guided_min_description_tokens`` tokens and ``teacher.min_description_words`` words)
+   or end of turn (past the word minimum, the first sentence end closes it), or reaches
+   ``teacher.guided_description_tokens``. At the cap the text is cut at
+   its last complete sentence (warning ``description truncated at token cap``); nothing left is a
+   failure.
+2. The keywords are generated for the whole batch in lockstep, continuing the description's KV cache
+   (no prompt is encoded twice): the decoder appends ``", "keywords": ["`` and each row's model
+   writes one keyphrase until ``"`` (at most ``teacher.guided_keyword_tokens`` tokens); then ``", "``
+   is appended and the next one follows. Rows advance independently (per-row attention mask and
+   positions; a row that is done feeds nothing).
    The list ends at ``teacher.guided_max_keywords``; when the model closes it (``"]`` or end of
    turn, honoured from the ``teacher.guided_min_keywords``-th keyphrase on), or at the third
    unusable keyphrase: over the token cap, letterless (fewer than two letters, e.g. "4") or a
@@ -21,8 +26,9 @@ author of every word and lets the decoder hold the structure:
    inside a keyphrase is only allowed fused with the closing quote. Fewer than ``teacher.guided_min_keywords`` is a
    failure with that reason.
 3. The assembled JSON (``json.dumps`` of the generated strings) is the raw answer; the caller runs
-   it through the same ``parse_answer`` validation as every other attempt, and records the warning
-   ``guided decoding`` plus the decoding warnings above.
+   it through the same ``parse_answer`` validation (and contract) as every other attempt, and records
+   the warning ``guided decoding`` plus the decoding warnings above. A failed row keeps the model's
+   raw text (the prefill, the description as generated, every keyphrase including dropped ones).
 
 Used by :class:`tsrec.semantics.teacher.HFTeacher` as its final attempt.
 """
@@ -37,10 +43,11 @@ from typing import Any
 KEYWORDS_OPEN = '", "keywords": ["'
 KEYWORD_SEP = '", "'
 GUIDED_WARNING = "guided decoding"
-# Also digits and parentheses: a small model copies the numbered item listing ("1) ... 2) ...", "10pcs");
-# the reference Industrial file has digits in 18 of 560 descriptions (all "3D") and 21 of 11,146 keywords.
-BANNED_CHARS = "\n\r\t\\[]{}<>|*#_`()0123456789"
-MAX_DROPPED = 3
+# Also parentheses: a small model copies the numbered item listing ("1) ... 2) ..."). Digits are allowed:
+# the reference Industrial file has "3D" in 18 of 560 descriptions, and "12V", "3D printing" are keyphrases.
+BANNED_CHARS = "\n\r\t\\[]{}<>|*#_`()"
+DESCRIPTION_OPEN = '{"description": "'
+MAX_DROPPED = 6
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
@@ -67,6 +74,16 @@ def split_at_quote(text: str) -> tuple[str, str] | None:
     return before, after
 
 
+def ngram_bans(answer_ids: list[int], n: int) -> list[int]:
+    """Tokens that would repeat an ``n``-gram of ``answer_ids`` (the answer only: the prompt is not looked at,
+    so the opening the prompt asks for, "This product family", is never banned)."""
+    if n <= 0 or len(answer_ids) < n:
+        return []
+    head = tuple(answer_ids[len(answer_ids) - n + 1:])
+    return sorted({answer_ids[i + n - 1] for i in range(len(answer_ids) - n + 1)
+                   if tuple(answer_ids[i:i + n - 1]) == head})
+
+
 class GuidedDecoder:
     """Schema-guided greedy decoding with a loaded causal LM and its tokenizer (left padding).
 
@@ -76,22 +93,23 @@ class GuidedDecoder:
         description_tokens: token cap of the description.
         keyword_tokens: token cap of one keyphrase.
         max_keywords: keyphrases generated at most.
-        min_keywords: fewer keyphrases is a failure.
-        repetition_penalty: HF-style penalty on tokens already in the sequence (1.0 = off).
-        no_repeat_ngram_size: forbid repeating any n-gram of the sequence in the description (0 = off).
+        min_keywords: fewer keyphrases is a failure (the list cannot close before).
+        repetition_penalty: HF-style penalty on tokens already in the answer (1.0 = off).
+        no_repeat_ngram_size: forbid repeating any n-gram of the description (0 = off).
         min_description_tokens: the description cannot close (quote or end of turn) before this many tokens.
+        min_words: ... nor before this many words.
     """
 
     def __init__(self, model: Any, tok: Any, description_tokens: int = 120, keyword_tokens: int = 8,
                  max_keywords: int = 20, min_keywords: int = 3, repetition_penalty: float = 1.0,
-                 no_repeat_ngram_size: int = 0, min_description_tokens: int = 0):
+                 no_repeat_ngram_size: int = 0, min_description_tokens: int = 0, min_words: int = 0):
         import torch
 
         self.model, self.tok = model, tok
         self.description_tokens, self.keyword_tokens = description_tokens, keyword_tokens
         self.max_keywords, self.min_keywords = max_keywords, min_keywords
         self.repetition_penalty, self.no_repeat_ngram_size = repetition_penalty, no_repeat_ngram_size
-        self.min_description_tokens = min_description_tokens
+        self.min_description_tokens, self.min_words = min_description_tokens, min_words
         self.device = next(model.parameters()).device
         vocab = model.get_output_embeddings().weight.shape[0]
         pieces = tok.batch_decode([[i] for i in range(min(vocab, len(tok)))])
@@ -99,8 +117,7 @@ class GuidedDecoder:
         self.eos_ids = {i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}
         # Inside a JSON string: plain prose. No line breaks or escapes, no markup or template characters
         # (a small model otherwise writes "[product_family]" placeholders, tables and SID-like "<...>"),
-        # no digits (see BANNED_CHARS), and no special tokens other than end-of-turn (which ends the string
-        # like a quote).
+        # and no special tokens other than end-of-turn (which ends the string like a quote).
         special = set(tok.all_special_ids) - self.eos_ids
         banned = [i for i, p in enumerate(self.pieces)
                   if i in special or any(c in p for c in BANNED_CHARS) or (not p and i not in self.eos_ids)]
@@ -114,129 +131,214 @@ class GuidedDecoder:
                                   device=self.device)
         self.eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=self.device)
         self.stop = torch.cat([self.quote, self.eos])
+        self.stop_set = set(self.stop.tolist())
+        # A piece that starts with a space starts a word: a cheap word count of generated ids.
+        self.starts_word = torch.tensor([p[:1].isspace() for p in self.pieces], dtype=torch.bool, device=self.device)
+        self.ends_sentence = torch.tensor([p.rstrip()[-1:] in (".", "!", "?") and '"' not in p for p in self.pieces],
+                                          dtype=torch.bool, device=self.device)
 
     # ----------------------------------------------------------------------------------------------
 
     def __call__(self, prompts: list[str]) -> list[GuidedResult]:
         """Guided answers for chat-templated prompts that end with the ``{"description": "`` prefill."""
-        descriptions = self._descriptions(prompts)
+        if not prompts:
+            return []
+        state = self._descriptions(prompts)
+        descs = [d for d, _, _, _ in state["rows"]]
+        active = [not err for _, _, err, _ in state["rows"]]
+        kw_out = self._keywords(state, active)
         results = []
-        for prompt, (desc, warns, err) in zip(prompts, descriptions):
+        for b, (desc, warns, err, transcript) in enumerate(state["rows"]):
             if err:
-                results.append(GuidedResult(json.dumps({"description": desc}, ensure_ascii=False), warns, err))
+                results.append(GuidedResult(transcript, warns, err))
                 continue
-            keywords, kw_warns = self._keywords(prompt + desc + KEYWORDS_OPEN)
-            raw = json.dumps({"description": desc, "keywords": keywords}, ensure_ascii=False)
-            error = "" if len(keywords) >= self.min_keywords else (
-                f"guided decoding: {len(keywords)} keyword(s), fewer than {self.min_keywords}")
-            results.append(GuidedResult(raw, [GUIDED_WARNING, *warns, *kw_warns], error))
+            keywords, kw_warns, kw_raw = kw_out[b]
+            if len(keywords) >= self.min_keywords:
+                raw = json.dumps({"description": descs[b], "keywords": keywords}, ensure_ascii=False)
+                results.append(GuidedResult(raw, [GUIDED_WARNING, *warns, *kw_warns]))
+            else:  # keep what the model wrote, dropped keyphrases included
+                raw = transcript + KEYWORDS_OPEN + KEYWORD_SEP.join(kw_raw)
+                results.append(GuidedResult(raw, [GUIDED_WARNING, *warns, *kw_warns],
+                                            f"guided decoding: {len(keywords)} keyword(s), fewer than {self.min_keywords}"))
         return results
 
-    def _descriptions(self, prompts: list[str]) -> list[tuple[str, list[str], str]]:
-        """Batched greedy description step: ``(description, warnings, error)`` per prompt."""
+    def _descriptions(self, prompts: list[str]) -> dict[str, Any]:
+        """Batched greedy description step. Returns the generation state for the keyword step and, per
+        row, ``(description, warnings, error, raw transcript)``."""
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-        stop, start, min_tokens = self.stop, 0, self.min_description_tokens  # start: set once the batch is encoded
+        dec = self
+        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        start = enc["input_ids"].shape[1]
 
-        class _Ban:  # a LogitsProcessor: forbid the banned ids; no closing quote before min_tokens
-            def __init__(self, ids):
-                self.ids = ids
-
+        class _Answer:  # a LogitsProcessor; every rule looks at the answer only, never at the prompt
             def __call__(self, input_ids, scores):
-                scores[:, self.ids] = -float("inf")
-                if input_ids.shape[1] - start < min_tokens:
-                    scores[:, stop] = -float("inf")
+                gen = input_ids[:, start:]
+                scores[:, dec.banned] = -float("inf")
+                if dec.repetition_penalty != 1.0 and gen.shape[1]:
+                    s = scores.gather(1, gen)
+                    scores.scatter_(1, gen, torch.where(s > 0, s / dec.repetition_penalty, s * dec.repetition_penalty))
+                if dec.no_repeat_ngram_size:
+                    for b, row in enumerate(gen.tolist()):
+                        ban = ngram_bans(row, dec.no_repeat_ngram_size)
+                        if ban:
+                            scores[b, ban] = -float("inf")
+                words = dec.starts_word[gen].sum(1) + (1 if gen.shape[1] else 0)
+                early = (words < dec.min_words) | (gen.shape[1] < dec.min_description_tokens)
+                if early.any():
+                    rows = early.nonzero().flatten()
+                    scores[rows.unsqueeze(1), dec.stop.unsqueeze(0)] = -float("inf")
+                if dec.min_words and gen.shape[1]:
+                    # Past the word minimum, the first sentence end closes the description: a small model
+                    # otherwise runs on into the cap, and the cut at the last sentence can fall below the minimum.
+                    done = dec.ends_sentence[gen[:, -1]] & ~early
+                    if done.any():
+                        rows = done.nonzero().flatten()
+                        keep = scores[rows.unsqueeze(1), dec.quote.unsqueeze(0)]
+                        scores[rows] = -float("inf")
+                        scores[rows.unsqueeze(1), dec.quote.unsqueeze(0)] = keep
                 return scores
 
         class _StopAtQuote(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                return torch.isin(input_ids[:, -1], stop)
+                return torch.isin(input_ids[:, -1], dec.stop)
 
-        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        start = enc["input_ids"].shape[1]
         cfg = GenerationConfig(
             max_new_tokens=self.description_tokens, do_sample=False, num_beams=1, temperature=None, top_k=None,
-            top_p=None, repetition_penalty=self.repetition_penalty if self.repetition_penalty != 1.0 else None,
-            no_repeat_ngram_size=self.no_repeat_ngram_size or None, pad_token_id=self.tok.pad_token_id,
-            eos_token_id=sorted(self.eos_ids), bos_token_id=self.tok.bos_token_id)
+            top_p=None, pad_token_id=self.tok.pad_token_id, eos_token_id=sorted(self.eos_ids),
+            bos_token_id=self.tok.bos_token_id, return_dict_in_generate=True)
         with torch.inference_mode():
             out = self.model.generate(**enc, generation_config=cfg,
-                                      logits_processor=LogitsProcessorList([_Ban(self.banned)]),
+                                      logits_processor=LogitsProcessorList([_Answer()]),
                                       stopping_criteria=StoppingCriteriaList([_StopAtQuote()]))
-        res = []
-        for row in out[:, enc["input_ids"].shape[1]:].tolist():
-            text = self.tok.decode(row, skip_special_tokens=True)
-            ended = split_at_quote(text)
-            closed = ended is not None or any(t in self.eos_ids for t in row)
-            desc = " ".join((ended[0] if ended else text).split())
-            warns = []
-            if not closed:
-                desc = cut_at_sentence(desc)
+        seqs, cache = out.sequences, out.cache
+        cache_len = cache.get_seq_length()  # the cache holds seqs[:, :cache_len] (not the last sampled token)
+        mask = torch.cat([enc["attention_mask"], torch.ones(len(prompts), cache_len - start, dtype=enc["attention_mask"].dtype,
+                                                            device=self.device)], dim=1)
+        rows, feeds = [], []
+        for b, gen in enumerate(seqs[:, start:].tolist()):
+            stop_at = next((i for i, t in enumerate(gen) if t in self.stop_set), None)
+            transcript = DESCRIPTION_OPEN + self.tok.decode(gen, skip_special_tokens=True)
+            warns: list[str] = []
+            if stop_at is not None:  # closed: the text before the quote (end of turn: nothing)
+                piece = self.pieces[gen[stop_at]]
+                tail = piece.split('"', 1)[0] if '"' in piece else ""
+                keep, rest, text = stop_at, tail, self.tok.decode(gen[:stop_at]) + tail
+            else:  # at the cap: up to the last complete sentence; keep the tokens that spell a prefix of it
+                full = self.tok.decode(gen)
+                text = cut_at_sentence(full)
                 warns.append("description truncated at token cap")
-            err = "" if desc else ("guided decoding: empty description" if closed else
+                clause = max(full.rfind(";"), full.rfind(","))
+                if len(text.split()) < self.min_words and clause > 0 and len(full[:clause].split()) >= self.min_words:
+                    # The last sentence end would leave too few words: end at the last clause instead.
+                    text = full[:clause].strip() + "."
+                    warns.append("description ended at a clause")
+                keep, rest = 0, text
+                for k in range(len(gen), 0, -1):
+                    head = self.tok.decode(gen[:k]).lstrip()
+                    if text.startswith(head):
+                        keep, rest = k, text[len(head):]
+                        break
+            desc = " ".join(text.split())
+            err = "" if desc else ("guided decoding: empty description" if stop_at is not None else
                                    "guided decoding: no complete description sentence within the token cap")
-            res.append((desc, warns, err))
-        return res
+            rows.append((desc, warns, err, transcript))
+            # The cache continues after gen[:keep]: mask what follows, feed what is missing plus the list opening.
+            first = cache_len - start
+            mask[b, start + min(keep, first):] = 0
+            feeds.append([] if err else gen[min(keep, first):keep] +
+                         self.tok(rest + KEYWORDS_OPEN, add_special_tokens=False)["input_ids"])
+        return {"cache": cache, "mask": mask, "feeds": feeds, "rows": rows}
 
-    def _keywords(self, prefix: str) -> tuple[list[str], list[str]]:
-        """Keyphrases one at a time on a KV cache, continuing ``prefix`` (inside the keywords list)."""
+    def _keywords(self, state: dict[str, Any], active: list[bool]) -> list[tuple[list[str], list[str], list[str]]]:
+        """Keyphrases for every active row, in lockstep on the description's KV cache.
+
+        Returns per row ``(keywords, warnings, raw keyphrases)`` (raw: every generated one, dropped included).
+        """
         import torch
 
-        ids = self.tok(prefix, return_tensors="pt", add_special_tokens=False)["input_ids"].to(self.device)
-        seen_ids: set[int] = set()  # penalise repeats among the keyphrases only: copying a product type is fine
-        keywords: list[str] = []
-        warns: list[str] = []
+        n_rows = len(active)
+        cache, mask = state["cache"], state["mask"]
+        logits = torch.zeros(n_rows, len(self.pieces), device=self.device)
+
+        def feed(chunks: list[list[int]]) -> None:
+            nonlocal cache, mask, logits
+            width = max(len(c) for c in chunks)
+            if width == 0:
+                return
+            pad = self.tok.pad_token_id
+            ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunks], device=self.device)
+            new = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunks], dtype=mask.dtype,
+                               device=self.device)
+            mask = torch.cat([mask, new], dim=1)
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -width:]
+            o = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+            cache = o.cache
+            for b, c in enumerate(chunks):
+                if c:  # left padding within the chunk: the last position is the row's last real token
+                    logits[b] = o.logits[b, -1].float()
+
+        keywords: list[list[str]] = [[] for _ in range(n_rows)]
+        raws: list[list[str]] = [[] for _ in range(n_rows)]
+        toks: list[list[int]] = [[] for _ in range(n_rows)]
+        seen: list[set[int]] = [set() for _ in range(n_rows)]  # repeats among the keyphrases only
+        dropped = [0] * n_rows
+        active = [a and self.max_keywords > 0 for a in active]
         with torch.inference_mode():
-            out = self.model(input_ids=ids, use_cache=True)
-            cache, logits = out.cache, out.logits[0, -1]
-
-            def feed(new_ids: list[int]):
-                nonlocal cache, logits
-                o = self.model(input_ids=torch.tensor([new_ids], device=self.device), cache=cache, use_cache=True)
-                cache, logits = o.cache, o.logits[0, -1]
-
-            dropped = 0
-            while len(keywords) < self.max_keywords:
-                toks: list[int] = []
-                tail, closed, end_list = "", False, False
-                # The model may close the list (end of turn, or ``"]``) only once it holds min_keywords.
-                may_end = len(keywords) + 1 >= self.min_keywords
-                for _ in range(self.keyword_tokens):
-                    scores = logits.float().clone()
-                    scores[self.banned_kw] = -float("inf")
+            feed([f if a else [] for f, a in zip(state["feeds"], active)])
+            while any(active):
+                scores = logits.clone()
+                scores[:, self.banned_kw] = -float("inf")
+                chunks: list[list[int]] = []
+                for b in range(n_rows):
+                    if not active[b]:
+                        chunks.append([])
+                        continue
+                    # The model may close the list (end of turn, or ``"]``) only once it holds min_keywords.
+                    may_end = len(keywords[b]) + 1 >= self.min_keywords
+                    row = scores[b]
                     if not may_end:
-                        scores[self.eos] = -float("inf")
-                    if seen_ids and self.repetition_penalty != 1.0:
-                        idx = torch.tensor(sorted(seen_ids), device=self.device)
-                        s = scores[idx]
-                        scores[idx] = torch.where(s > 0, s / self.repetition_penalty, s * self.repetition_penalty)
-                    t = int(scores.argmax())
-                    if t in self.eos_ids:
-                        closed = end_list = True
-                        break
+                        row[self.eos] = -float("inf")
+                    if seen[b] and self.repetition_penalty != 1.0:
+                        idx = torch.tensor(sorted(seen[b]), device=self.device)
+                        s = row[idx]
+                        row[idx] = torch.where(s > 0, s / self.repetition_penalty, s * self.repetition_penalty)
+                    t = int(row.argmax())
                     piece = self.pieces[t]
-                    if '"' in piece:
+                    if t in self.eos_ids:
+                        tail, closed, end_list = "", True, True
+                    elif '"' in piece:
                         tail, after = piece.split('"', 1)
                         closed, end_list = True, may_end and after.lstrip().startswith("]")
-                        break
-                    toks.append(t)
-                    feed([t])
-                kw = " ".join((self.tok.decode(toks) + tail).split())
-                repeat = kw.lower() in {k.lower() for k in keywords}
-                usable = closed and sum(c.isalpha() for c in kw) >= 2 and not repeat
-                if usable:
-                    keywords.append(kw)
-                else:
-                    # Over the cap, letterless ("4") or a repeat: not a keyphrase. It stays out of the record
-                    # and the model goes on; the MAX_DROPPED-th one ends the list.
-                    dropped += 1
-                if self.repetition_penalty != 1.0:
-                    seen_ids.update(toks)
-                if end_list or dropped >= MAX_DROPPED:
-                    break
-                # The model's closing quote (and what it wrote before it in that token) + the separator.
-                feed(self.tok(tail + KEYWORD_SEP, add_special_tokens=False)["input_ids"])
-        if dropped:
-            warns.append(f"{dropped} over-long, letterless or repeated keyphrase(s) dropped")
-        return keywords, warns
+                    else:
+                        toks[b].append(t)
+                        if len(toks[b]) < self.keyword_tokens:
+                            chunks.append([t])
+                            continue
+                        tail, closed, end_list = "", False, False  # over the cap
+                    kw = " ".join((self.tok.decode(toks[b]) + tail).split())
+                    raws[b].append(kw)
+                    repeat = kw.lower() in {k.lower() for k in keywords[b]}
+                    if closed and sum(c.isalpha() for c in kw) >= 2 and not repeat:
+                        keywords[b].append(kw)
+                    else:
+                        # Over the cap, letterless ("4") or a repeat: not a keyphrase. It stays out of the record
+                        # and the model goes on; the MAX_DROPPED-th one ends the list.
+                        dropped[b] += 1
+                    if self.repetition_penalty != 1.0:
+                        seen[b].update(toks[b])
+                    last = [t] if not closed else []  # an over-cap token was never fed
+                    toks[b] = []
+                    if end_list or dropped[b] >= MAX_DROPPED or len(keywords[b]) >= self.max_keywords:
+                        active[b] = False
+                        chunks.append([])
+                        continue
+                    # The model's closing quote (and what it wrote before it in that token) + the separator.
+                    chunks.append(last + self.tok(tail + KEYWORD_SEP, add_special_tokens=False)["input_ids"])
+                feed(chunks)
+        out = []
+        for b in range(n_rows):
+            warns = [f"{dropped[b]} over-long, letterless or repeated keyphrase(s) dropped"] if dropped[b] else []
+            out.append((keywords[b], warns, raws[b]))
+        return out

@@ -11,11 +11,16 @@ model writes every word, the decoder holds the JSON shape); what still fails aft
 ``teacher.max_attempts`` is returned as a ``failed`` row with its reason and
 raw text, never dropped and never patched up.
 
-Errors vs warnings. *Errors* (the answer is unusable): no complete JSON object (truncated or missing),
-not an object, a missing key, an empty description, keywords not a list of strings or empty after
-cleaning, a SID token string in the text. *Warnings* (kept, recorded per record): description words or
-keyword count outside the METHOD.md 1.4 contract (55-120 words, 15-26 keywords; a 135M model rarely
-meets it), over-long keyphrases, duplicate keywords (dropped), text around the JSON object.
+Errors vs warnings. *Errors* (the answer is unusable, the next attempt names the reason): no complete
+JSON object (truncated or missing), not an object, a missing key, an empty description, keywords not a
+list of strings or empty after cleaning, a SID token string in the text, and for the hf and vllm
+engines every breach of the METHOD.md 1.4 contract (``answers.Contract``, limits ``teacher.*``: word
+and keyword counts, duplicates, stopword keyphrases, URLs, copied instruction). *Warnings* (kept,
+recorded per record): text around the JSON object, guided-decoding notes; for the file engine the
+contract breaches too (authors' files are imported as they are).
+
+Default teacher (``teacher.model`` empty, SmolLM2-135M): every attempt is guided
+(``teacher.guided_first`` null = auto, :func:`guided_first_of`).
 
 Engines (``teacher.engine``), one interface: a constructor taking keyword arguments from
 ``<Engine>.constructor_kwargs(cfg, seed)``.
@@ -31,6 +36,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,11 +45,11 @@ from typing import Any
 import numpy as np
 
 from tsrec.config import TeacherConfig
-from tsrec.semantics.answers import AnswerError, extract_json_object, parse_answer  # noqa: F401 (re-exported)
+from tsrec.semantics.answers import AnswerError, Contract, extract_json_object, parse_answer  # noqa: F401 (re-exported)
 from tsrec.semantics.clusters import TokenCluster
 from tsrec.semantics.records import read_teacher_file, record_warnings
 
-PROMPT_VERSION = "tsrec-teacher-v1"
+PROMPT_VERSION = "tsrec-teacher-v2"
 PREFILL = '{"description": "'
 Messages = list[dict[str, str]]
 
@@ -74,8 +81,54 @@ GUIDED_TASK = (
 
 OUTPUT_COLUMNS = (
     "token", "level", "status", "description", "keywords", "warnings", "error", "raw", "attempts",
-    "attempt_errors", "prompt_hash", "request_hash", "engine", "model", "n_items", "sample_item_ids",
+    "attempt_errors", "prompt_hash", "request_hash", "engine", "model", "n_items", "sample_item_ids", "worker",
 )
+# The instruction texts of every prompt: a description that copies a run of their words breaks the contract.
+INSTRUCTION_TEXT = " ".join([SYSTEM, TASK, STRICT_TASK.replace("{reason}", ""), GUIDED_TASK])
+
+
+def worker_id() -> str:
+    """``host:pid`` of the process that ran an engine batch (one Ray actor = one process): part provenance."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def contract_of(cfg: TeacherConfig) -> Contract:
+    """The enforced METHOD.md 1.4 contract of the hf and vllm engines (``teacher.*`` limits)."""
+    return Contract.from_config(cfg, INSTRUCTION_TEXT)
+
+
+def guided_first_of(cfg: TeacherConfig) -> bool:
+    """``teacher.guided_first``; null means guided first for the default teacher (empty ``teacher.model``).
+
+    SmolLM2-135M never closes a free-form JSON object, so its free-form first attempt is wasted time.
+    """
+    return bool(cfg.guided_first) if cfg.guided_first is not None else cfg.model == ""
+
+
+def weights_fingerprint(model_path: str | os.PathLike) -> str:
+    """A cheap, content-based fingerprint of a teacher's weights (part of the resume key).
+
+    For every file of the model folder (or the single file): files up to 4 MiB (config, tokenizer) are
+    hashed whole; larger ones (weights) by size, their first 1 MiB (the safetensors header with every
+    tensor's name, dtype, shape and offset, plus the first tensor bytes) and 16 evenly spaced 64 KiB
+    samples of the data. Fine-tuned weights change the sampled bytes; a copy or a touch (mtime) does not
+    change the fingerprint. Cost: about 2 MiB read per weight file, whatever the model size.
+    """
+    path = Path(model_path)
+    files = sorted(p for p in (path.iterdir() if path.is_dir() else [path]) if p.is_file() and not p.name.startswith("."))
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= 4 << 20:
+                h.update(fh.read())
+                continue
+            h.update(fh.read(1 << 20))
+            for k in range(16):
+                fh.seek((size - (64 << 10)) * k // 15)
+                h.update(fh.read(64 << 10))
+    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,11 +145,12 @@ def clean_text(text: str, max_chars: int) -> str:
 
 
 def request_rows(clusters: Sequence[TokenCluster], titles: dict[int, str], descriptions: dict[int, str],
-                 cfg: TeacherConfig, engine: str, model: str) -> list[dict[str, Any]]:
+                 cfg: TeacherConfig, engine: str, model: str, weights: str = "") -> list[dict[str, Any]]:
     """One request row per cluster: the prompt context plus the hash that identifies the request.
 
-    ``request_hash`` covers token, engine, model, prompt version, decoding settings and the first prompt;
-    a resumed run reuses a finished record only if its request hash is unchanged.
+    ``request_hash`` covers token, engine, model, the weights fingerprint (``weights``,
+    :func:`weights_fingerprint`), prompt version, decoding settings, the contract limits and the first
+    prompt; a resumed run reuses a finished record only if its request hash is unchanged.
     """
     rows = []
     for c in clusters:
@@ -106,8 +160,8 @@ def request_rows(clusters: Sequence[TokenCluster], titles: dict[int, str], descr
                       for i in c.sample_item_ids],
         }
         key = [c.token, engine, model, PROMPT_VERSION, cfg.max_new_tokens, cfg.temperature, cfg.repetition_penalty,
-               cfg.max_attempts, build_messages(context, 1)]
-        if engine == "hf" and cfg.guided:
+               cfg.max_attempts, build_messages(context, 1), weights, contract_settings(cfg)]
+        if engine in ("hf", "vllm") and cfg.guided:
             key.append(guided_settings(cfg))
         rows.append({
             "token": c.token,
@@ -121,10 +175,17 @@ def request_rows(clusters: Sequence[TokenCluster], titles: dict[int, str], descr
 
 
 def guided_settings(cfg: TeacherConfig) -> dict[str, Any]:
-    """The ``teacher.guided_*`` settings (part of the hf request hash when ``teacher.guided``)."""
-    return {k: getattr(cfg, k) for k in ("guided_first", "guided_description_tokens", "guided_keyword_tokens", "guided_max_keywords",
-                                         "guided_min_keywords", "guided_repetition_penalty",
-                                         "guided_no_repeat_ngram_size", "guided_min_description_tokens")}
+    """The ``teacher.guided_*`` settings (part of the request hash when ``teacher.guided``); guided_first resolved."""
+    out = {k: getattr(cfg, k) for k in ("guided_description_tokens", "guided_keyword_tokens", "guided_max_keywords",
+                                        "guided_min_keywords", "guided_repetition_penalty",
+                                        "guided_no_repeat_ngram_size", "guided_min_description_tokens")}
+    return {"guided_first": guided_first_of(cfg), **out, "min_words": cfg.min_description_words}
+
+
+def contract_settings(cfg: TeacherConfig) -> dict[str, Any]:
+    """The contract limits (part of the request hash: a stricter contract re-requests the records)."""
+    return {k: getattr(cfg, k) for k in ("min_description_words", "max_description_words", "min_keywords",
+                                         "max_keywords", "max_keyword_words", "instruction_copy_words")}
 
 
 def build_messages(context: dict[str, Any], attempt: int, last_error: str = "", guided: bool = False) -> Messages:
@@ -144,7 +205,9 @@ def build_messages(context: dict[str, Any], attempt: int, last_error: str = "", 
         lines.append(f"{n}. {title}" + (f" -- {desc}" if desc else ""))
     listing = "\n".join(lines)
     if guided:
-        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": listing + "\n\n" + GUIDED_TASK},
+        # A guided retry names the rejection (greedy decoding of an unchanged prompt would repeat it).
+        task = GUIDED_TASK + (f"\nYour previous answer was rejected: {last_error}." if attempt > 1 and last_error else "")
+        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": listing + "\n\n" + task},
                 {"role": "assistant", "content": PREFILL}]
     if attempt <= 1:
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": listing + "\n\n" + TASK}]
@@ -178,7 +241,7 @@ def _sha(obj: Any) -> str:
 def run_attempts(contexts: Sequence[dict[str, Any]], generate: Callable[[list[Messages]], list[str]],
                  max_attempts: int,
                  guided: Callable[[list[Messages]], list[Any]] | None = None,
-                 guided_first: bool = False) -> list[dict[str, Any]]:
+                 guided_first: bool = False, contract: Contract | None = None) -> list[dict[str, Any]]:
     """Generate, parse and retry the failures with the strict prompt, up to ``max_attempts`` calls.
 
     Args:
@@ -190,6 +253,8 @@ def run_attempts(contexts: Sequence[dict[str, Any]], generate: Callable[[list[Me
             replaces the last attempt, with the guided prompt. A guided ``error`` is the failure
             reason; its ``warnings`` (``guided decoding`` first) are added to the record's.
         guided_first: every attempt is guided (small teachers whose free-form answers never parse).
+        contract: the enforced METHOD.md 1.4 contract; a breach fails the attempt with its reason, so the
+            next attempt (strict or guided prompt naming the reason) runs.
 
     Returns:
         One dict per context: ``status`` ok/failed, ``description``, ``keywords``, ``warnings``,
@@ -216,7 +281,7 @@ def run_attempts(contexts: Sequence[dict[str, Any]], generate: Callable[[list[Me
             try:
                 if guided_error:
                     raise AnswerError(guided_error)
-                desc, kws, warns = parse_answer(raw)
+                desc, kws, warns = parse_answer(raw, contract)
                 warns = [*more, *warns]
             except AnswerError as e:
                 history[i] = history[i] + [{"attempt": attempt, "error": str(e), "raw": raw}]
@@ -229,7 +294,8 @@ def run_attempts(contexts: Sequence[dict[str, Any]], generate: Callable[[list[Me
     return out
 
 
-def output_batch(rows_in: dict[str, np.ndarray], results: list[dict[str, Any]], engine: str, model: str) -> dict[str, np.ndarray]:
+def output_batch(rows_in: dict[str, np.ndarray], results: list[dict[str, Any]], engine: str, model: str,
+                 worker: str = "") -> dict[str, np.ndarray]:
     """Columns :data:`OUTPUT_COLUMNS` for a batch: pass-through request fields + results (JSON-encoded lists)."""
     n = len(results)
     col: dict[str, list[Any]] = {name: [] for name in OUTPUT_COLUMNS}
@@ -246,6 +312,7 @@ def output_batch(rows_in: dict[str, np.ndarray], results: list[dict[str, Any]], 
         col["attempts"].append(int(res["attempts"]))
         col["engine"].append(engine)
         col["model"].append(model)
+        col["worker"].append(worker)
     ints = {"level", "n_items", "attempts"}
     return {k: np.array(v, dtype=np.int64 if k in ints else object) if n else np.array([], dtype=object)
             for k, v in col.items()}
@@ -267,7 +334,8 @@ class HFTeacher:
 
     def __init__(self, model_path: str, max_new_tokens: int = 320, max_attempts: int = 2, temperature: float = 0.0,
                  seed: int = 0, num_threads: int = 1, gguf_file: str | None = None, model_name: str = "",
-                 repetition_penalty: float = 1.0, guided: dict[str, Any] | None = None):
+                 repetition_penalty: float = 1.0, guided: dict[str, Any] | None = None,
+                 contract: dict[str, Any] | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -288,19 +356,23 @@ class HFTeacher:
             eos_token_id=self.tok.eos_token_id, bos_token_id=self.tok.bos_token_id)
         self.model.generation_config = self.gen_cfg
         self.max_attempts, self.seed, self.sampling = max_attempts, seed, sampling
+        self.contract = Contract(**contract) if contract is not None else None
         self.guided_first = bool(guided and guided.get("guided_first"))
         self.model_name = model_name or str(model_path)
         self.guided = None
         if guided is not None:
             from tsrec.semantics.guided import GuidedDecoder
 
-            g = guided
+            g, c = guided, self.contract
+            # The decoder aims inside the enforced contract: no list that the contract would reject as too short/long.
+            min_kw = max(g["guided_min_keywords"], c.min_keywords if c else 0)
+            max_kw = min(g["guided_max_keywords"], c.max_keywords) if c else g["guided_max_keywords"]
             self.guided = GuidedDecoder(
                 self.model, self.tok, description_tokens=g["guided_description_tokens"],
-                keyword_tokens=g["guided_keyword_tokens"], max_keywords=g["guided_max_keywords"],
-                min_keywords=g["guided_min_keywords"], repetition_penalty=g["guided_repetition_penalty"],
+                keyword_tokens=g["guided_keyword_tokens"], max_keywords=max(max_kw, min_kw),
+                min_keywords=min_kw, repetition_penalty=g["guided_repetition_penalty"],
                 no_repeat_ngram_size=g["guided_no_repeat_ngram_size"],
-                min_description_tokens=g["guided_min_description_tokens"])
+                min_description_tokens=g["guided_min_description_tokens"], min_words=g.get("min_words", 0))
 
     @classmethod
     def constructor_kwargs(cls, cfg: TeacherConfig, seed: int, model_path: str, gguf_file: str | None = None,
@@ -308,7 +380,8 @@ class HFTeacher:
         return {"model_path": model_path, "max_new_tokens": cfg.max_new_tokens, "max_attempts": cfg.max_attempts,
                 "temperature": cfg.temperature, "seed": seed, "num_threads": num_threads, "gguf_file": gguf_file,
                 "model_name": cfg.model or model_path, "repetition_penalty": cfg.repetition_penalty,
-                "guided": guided_settings(cfg) if cfg.guided else None}
+                "guided": guided_settings(cfg) if cfg.guided else None,
+                "contract": contract_of(cfg).__dict__.copy()}
 
     def generate(self, conversations: list[Messages]) -> list[str]:
         """Completions (special tokens removed) for a list of chat conversations."""
@@ -336,8 +409,9 @@ class HFTeacher:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         contexts = [json.loads(c) for c in batch["context"]]
         results = run_attempts(contexts, self.generate, self.max_attempts,
-                               self.generate_guided if self.guided is not None else None, self.guided_first)
-        return output_batch(batch, results, "hf", self.model_name)
+                               self.generate_guided if self.guided is not None else None, self.guided_first,
+                               self.contract)
+        return output_batch(batch, results, "hf", self.model_name, worker_id())
 
 
 class FileTeacher:
@@ -364,47 +438,64 @@ class FileTeacher:
                             "warnings": record_warnings(rec["description"], rec["keywords"]), "error": "",
                             "raw": json.dumps(rec, ensure_ascii=False), "attempts": 0, "attempt_errors": [],
                             "prompt_hash": ""})
-        return output_batch(batch, results, "file", Path(self.path).name)
+        return output_batch(batch, results, "file", Path(self.path).name, worker_id())
 
 
 class VllmTeacher:
-    """Request building for ``ray.data.llm`` + vLLM (GPU). Builds no processor and imports no vLLM.
+    """Request building for ``ray.data.llm`` + vLLM. Builds no processor and imports no vLLM.
 
     The orchestration layer passes :meth:`processor_config_kwargs` to ``vLLMEngineProcessorConfig``
     and :meth:`preprocess` / :meth:`postprocess` to ``build_processor``, and reruns rows whose
     ``status`` is ``retry`` with the next attempt number (strict prompt), up to ``max_attempts``.
+    With ``structured`` (``teacher.guided``) every request carries vLLM's own structured output (the
+    JSON schema of the record, :func:`record_schema`), so the answer is valid JSON by construction and
+    the prompts carry no assistant prefill. Rows that vLLM itself fails skip :meth:`postprocess` in Ray
+    2.60; :meth:`error_record` turns them into records (``tsrec/orchestration/semantics.py``).
     """
 
     def __init__(self, model_path: str, max_new_tokens: int = 320, max_attempts: int = 2, temperature: float = 0.0,
                  seed: int = 0, batch_size: int = 4, concurrency: int = 1, tensor_parallel_size: int = 1,
-                 max_model_len: int = 4096, model_name: str = "", repetition_penalty: float = 1.0):
+                 max_model_len: int = 4096, model_name: str = "", repetition_penalty: float = 1.0,
+                 structured: bool = False, contract: dict[str, Any] | None = None, accelerator_type: str = "",
+                 runtime_env: dict[str, Any] | None = None, engine_kwargs: dict[str, Any] | None = None):
         self.repetition_penalty = repetition_penalty
         self.model_path, self.max_new_tokens, self.max_attempts = model_path, max_new_tokens, max_attempts
         self.temperature, self.seed, self.batch_size, self.concurrency = temperature, seed, batch_size, concurrency
         self.tensor_parallel_size, self.max_model_len = tensor_parallel_size, max_model_len
         self.model_name = model_name or model_path
+        self.structured = structured
+        self.contract = Contract(**contract) if contract is not None else None
+        self.accelerator_type, self.runtime_env = accelerator_type, dict(runtime_env or {})
+        self.engine_kwargs = dict(engine_kwargs or {})
 
     @classmethod
     def constructor_kwargs(cls, cfg: TeacherConfig, seed: int, model_path: str, concurrency: int) -> dict[str, Any]:
         return {"model_path": model_path, "max_new_tokens": cfg.max_new_tokens, "max_attempts": cfg.max_attempts,
                 "temperature": cfg.temperature, "seed": seed, "batch_size": cfg.batch_size, "concurrency": concurrency,
                 "tensor_parallel_size": cfg.tensor_parallel_size, "max_model_len": cfg.max_model_len,
-                "model_name": cfg.model or model_path, "repetition_penalty": cfg.repetition_penalty}
+                "model_name": cfg.model or model_path, "repetition_penalty": cfg.repetition_penalty,
+                "structured": cfg.guided, "contract": contract_of(cfg).__dict__.copy(),
+                "accelerator_type": cfg.accelerator_type, "runtime_env": cfg.runtime_env}
 
     def processor_config_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``ray.data.llm.vLLMEngineProcessorConfig`` (Ray 2.60 field names)."""
-        return {
+        kw: dict[str, Any] = {
             "model_source": self.model_path,
             "batch_size": self.batch_size,
             "concurrency": self.concurrency,
             "engine_kwargs": {"tensor_parallel_size": self.tensor_parallel_size, "max_model_len": self.max_model_len,
-                              "enable_prefix_caching": True, "seed": self.seed},
+                              "enable_prefix_caching": True, "seed": self.seed, **self.engine_kwargs},
             "chat_template_stage": True,  # continues the strict prompt's assistant prefill
             "tokenize_stage": True,
             "detokenize_stage": True,
             "should_continue_on_error": True,  # an engine error becomes a failed row, not a crashed job
             "log_engine_metrics": False,
         }
+        if self.accelerator_type:
+            kw["accelerator_type"] = self.accelerator_type
+        if self.runtime_env:
+            kw["runtime_env"] = self.runtime_env
+        return kw
 
     def sampling_params(self) -> dict[str, Any]:
         """vLLM ``SamplingParams``: explicit greedy unless ``temperature > 0`` (METHOD.md R2)."""
@@ -412,13 +503,22 @@ class VllmTeacher:
                                   "repetition_penalty": self.repetition_penalty}
         if self.temperature > 0:
             params["seed"] = self.seed
+        if self.structured:
+            # Ray 2.60 turns this dict into vllm.sampling_params.StructuredOutputsParams(json=...).
+            params["structured_outputs"] = {"json": record_schema(self.contract)}
         return params
+
+    def messages(self, context: dict[str, Any], attempt: int, last_error: str) -> Messages:
+        msgs = build_messages(context, attempt, last_error)
+        if self.structured and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]  # the schema starts the object itself; a prefill would be a second "{"
+        return msgs
 
     def preprocess(self, row: dict[str, Any]) -> dict[str, Any]:
         """Request row (+ ``attempt``, ``attempt_errors``) -> vLLM row with ``messages`` and ``sampling_params``."""
         history = json.loads(row.get("attempt_errors") or "[]")
-        messages = build_messages(json.loads(row["context"]), int(row["attempt"]), history[-1]["error"] if history else "")
-        keep = {k: row[k] for k in ("token", "level", "n_items", "sample_item_ids", "request_hash", "context")}
+        messages = self.messages(json.loads(row["context"]), int(row["attempt"]), history[-1]["error"] if history else "")
+        keep = {k: row[k] for k in REQUEST_KEYS}
         return {**keep, "attempt": int(row["attempt"]), "attempt_errors": json.dumps(history),
                 "messages": messages, "sampling_params": self.sampling_params()}
 
@@ -433,18 +533,54 @@ class VllmTeacher:
         try:
             if engine_error:
                 raise AnswerError(f"engine error: {engine_error}")
-            res["description"], res["keywords"], res["warnings"] = parse_answer(raw)
+            res["description"], res["keywords"], res["warnings"] = parse_answer(raw, self.contract)
             status = "ok"
         except AnswerError as e:
             history.append({"attempt": attempt, "error": str(e), "raw": raw})
             res["error"] = str(e)
             status = "retry" if attempt < self.max_attempts else "failed"
-        keep = {k: row[k] for k in ("token", "level", "n_items", "sample_item_ids", "request_hash", "context")}
+        keep = {k: row[k] for k in REQUEST_KEYS}
         return {**keep, **res, "status": status, "raw": raw, "attempts": attempt, "attempt": attempt,
                 "attempt_errors": json.dumps(history, ensure_ascii=False),
                 "keywords": json.dumps(res["keywords"], ensure_ascii=False),
                 "warnings": json.dumps(res["warnings"], ensure_ascii=False),
-                "prompt_hash": prompt_hash(messages), "engine": "vllm", "model": self.model_name}
+                "prompt_hash": prompt_hash(messages), "engine": "vllm", "model": self.model_name,
+                "worker": worker_id()}
+
+    def error_record(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A row that vLLM failed (``__inference_error__`` set; Ray skipped :meth:`postprocess`) -> a failed record.
+
+        Such a row holds the preprocess columns (request fields, ``attempt``, ``attempt_errors``,
+        ``messages``) plus vLLM's default output columns. An engine error (prompt over
+        ``max_model_len``, ...) does not change on a retry, so the record is final: ``failed``.
+        """
+        def text(v: Any) -> str:
+            return "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+
+        attempt = int(row.get("attempt") or 1)
+        history = json.loads(text(row.get("attempt_errors")) or "[]")
+        err = f"engine error: {text(row.get('__inference_error__'))}"
+        raw = text(row.get("generated_text"))
+        history.append({"attempt": attempt, "error": err, "raw": raw})
+        messages = row.get("messages")
+        ph = prompt_hash([dict(m) for m in messages]) if messages is not None and len(messages) else ""
+        return {"token": text(row["token"]), "level": int(row["level"]), "n_items": int(row["n_items"]),
+                "sample_item_ids": text(row["sample_item_ids"]), "request_hash": text(row["request_hash"]),
+                "status": "failed", "description": "", "keywords": "[]", "warnings": "[]", "error": err, "raw": raw,
+                "attempts": attempt, "attempt_errors": json.dumps(history, ensure_ascii=False), "prompt_hash": ph,
+                "engine": "vllm", "model": self.model_name, "worker": text(row.get("worker"))}
+
+
+REQUEST_KEYS = ("token", "level", "n_items", "sample_item_ids", "request_hash", "context")
+
+
+def record_schema(contract: Contract | None) -> dict[str, Any]:
+    """JSON schema of a teacher answer, for vLLM structured outputs (keyword count from the contract)."""
+    kws: dict[str, Any] = {"type": "array", "items": {"type": "string", "minLength": 2}}
+    if contract is not None:
+        kws.update(minItems=contract.min_keywords, maxItems=contract.max_keywords)
+    return {"type": "object", "properties": {"description": {"type": "string", "minLength": 1}, "keywords": kws},
+            "required": ["description", "keywords"], "additionalProperties": False}
 
 
 TEACHER_ENGINES: dict[str, type] = {"hf": HFTeacher, "vllm": VllmTeacher, "file": FileTeacher}

@@ -36,6 +36,7 @@ import torch
 from tsrec.config import Config, ConfigError, SftConfig
 from tsrec.runtime import RunContext
 from tsrec.sft import checkpoint as ckpt
+from tsrec.sft.flops import flop_model
 from tsrec.sft.logs import write_logs
 from tsrec.sft.packing import forward_hidden, micro_batches, weighted_token_loss
 from tsrec.sft.tasks import TASK_NAMES, build_mixture, tokenize_samples
@@ -146,6 +147,14 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
               f"steps={total_steps} decay_steps={decay_steps} packing={sft.packing} pack_len={pack_len} zero={sft.zero_stage} {sft.precision}",
               flush=True)
 
+    # A checkpoint is resumed only by the same run (config, inputs, world size, LR horizon): checked
+    # before any model is built, so a changed config fails fast instead of continuing old weights.
+    meta = {"identity": ckpt.run_identity(cfg, {"model": model_dir, "data": data_dir, "sids": sids_dir,
+                                                "semantics": semantics_file if sft.use_ts_align else None}, world),
+            "decay_steps": decay_steps}
+    if ctx.resume_dir is not None:
+        ckpt.check_meta(ctx.resume_dir, meta)
+
     # --- 3. model, LoRA, engine (the engine before resume: DeepSpeed owns the param groups) ---
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
@@ -158,26 +167,38 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
         keep_alive = HfDeepSpeedConfig(ds_config)
     extra = {"attn_implementation": sft.attn_implementation} if sft.attn_implementation else {}
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **extra)
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in lm.parameters())
     if sft.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if sft.lora.enabled:
         lm = _apply_lora(lm, sft, tok, model_dir)
+    # MFU counts model FLOPs as trained (tsrec/sft/flops.py): under LoRA only the SID rows of the head
+    # get a weight gradient, and frozen weights none.
+    flops = flop_model(lm, head_trainable_rows=len(_sid_token_ids(tok)) if sft.lora.enabled else None)
     model = SftLM(lm).train()
     engine, *_ = deepspeed.initialize(
         model=model, config=ds_config, model_parameters=[p for p in model.parameters() if p.requires_grad],
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(sft.warmup_steps, decay_steps)))
     del keep_alive
+    ranking = None
+    if sft.valid_ranking_sample > 0:  # sweeps (tsrec tune): valid HR/NDCG@K with the constrained decoder
+        from tsrec.tune.ranking import ValidRanking
+        ranking = ValidRanking(cfg, data_dir, sids_dir, tok, str(engine.device), rank, world)
 
     # --- 4. resume ---
     state = {"step": -1, "best_val": float("inf"), "bad_evals": 0, "stopped": False}
     rows: list[dict] = []
     if ctx.resume_dir is not None:
-        loaded, rows = ckpt.load_checkpoint(engine, ctx.resume_dir, rank)
+        loaded, rows = ckpt.load_checkpoint(engine, ctx.resume_dir, rank, expect_meta=meta)
         state.update({k: loaded[k] for k in state if k in loaded})
         rows = [r for r in rows if r.get("step", -1) <= state["step"]]
         if rank == 0:
             print(f"[sft] resumed from {ctx.resume_dir} after step {state['step']}", flush=True)
+    release = getattr(ctx, "release_resume", None)  # a downloaded (cloud) checkpoint is no longer needed
+    if release is not None:
+        release()
+    # Every row says which attempt computed it (its first step and start time), so a resumed run
+    # shows that it did not recompute the steps before its checkpoint.
+    attempt = {"attempt/start_step": state["step"] + 1, "attempt/started_at": round(time.time(), 3)}
 
     # --- 5. train ---
     order_cache: dict[int, np.ndarray] = {}
@@ -201,7 +222,9 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
             task_sum += ts.double().cpu()
             task_cnt += tc.double().cpu()
         counts = _all_sum(torch.cat([loss_sum, task_sum, task_cnt,
-                                     torch.tensor([sum(b.real_tokens for b in batches), sum(b.total_tokens for b in batches)],
+                                     torch.tensor([sum(b.real_tokens for b in batches), sum(b.total_tokens for b in batches),
+                                                   sum(flops.step_flops(b.real_tokens, int((b.targets != -100).sum()),
+                                                                        b.sample_lengths) for b in batches)],
                                                   dtype=torch.float64)]))
         dt = time.perf_counter() - t0
         k = len(TASK_NAMES)
@@ -209,18 +232,20 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
         row: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch,
                                "train/loss": counts[0].item() / max(weight_total, 1e-12),
                                "train/lr": engine.get_lr()[0], "train/tokens_per_s": real / dt,
-                               "train/padding_frac": 1 - real / max(total_tok, 1), "train/step_s": dt}
+                               "train/padding_frac": 1 - real / max(total_tok, 1), "train/step_s": dt, **attempt}
         for i, name in enumerate(TASK_NAMES):
             if counts[1 + k + i] > 0:
                 row[f"train/loss/{name}"] = (counts[1 + i] / counts[1 + k + i]).item()
         if on_gpu:
-            row["train/mfu"] = 6 * n_params * real / dt / (_peak_flops() * world)
+            row["train/mfu"] = counts[3 + 2 * k].item() / dt / (_peak_flops() * world)
 
         # --- 6. validation, early stopping, best model ---
         last = step == total_steps - 1
         if valid and ((step + 1) % sft.eval_every_steps == 0 or last):
             val = _validate(engine, valid, sft.micro_batch_size, pad_id, rank, world)
             row["eval/loss"] = val
+            if ranking is not None:
+                row.update({f"eval/{k}": v for k, v in ranking(engine).items()})
             if val < state["best_val"]:
                 state.update(best_val=val, bad_evals=0)
                 _export(engine, tok, sft.zero_stage, rank, ctx, "best")
@@ -235,12 +260,16 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
         if logged:
             rows.append(row)
             if rank == 0:
-                print("[sft] " + " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+                # one short progress line; every column of the row is in metrics.csv / TensorBoard
+                tasks = " ".join(f"{k.rsplit('/', 1)[1]} {v:.3f}" for k, v in row.items() if k.startswith("train/loss/"))
+                print(f"[sft] step {step + 1}/{total_steps} loss {row['train/loss']:.4f} ({tasks})"
+                      + (f" valid {row['eval/loss']:.4f}" if "eval/loss" in row else "")
+                      + f" {row['train/tokens_per_s']:.0f} tok/s", flush=True)
 
         # --- 7. checkpoint (all ranks), report ---
         if (step + 1) % sft.save_every_steps == 0 or last or state["stopped"]:
             with tempfile.TemporaryDirectory(prefix="tsrec-sft-ckpt-") as d:
-                ckpt.save_checkpoint(engine, Path(d), state, rank, rows)
+                ckpt.save_checkpoint(engine, Path(d), state, rank, rows, meta=meta)
                 ctx.report(step, row, checkpoint_dir=Path(d))
         elif logged:
             # A Ray Train report is a round trip to the controller: only logged steps pay for it.
@@ -294,14 +323,31 @@ def _export(engine, tok, stage, rank, ctx, name) -> None:
             ctx.save_artifact(Path(d), name)
 
 
+def _sid_token_ids(tok) -> list[int]:
+    """Ids of the SID tokens (``<a_12>``: "<", a level letter, "_") among the tokenizer's added tokens."""
+    return sorted(i for t, i in tok.get_added_vocab().items() if t.startswith("<") and t[1:2].isalpha() and t[2:3] == "_")
+
+
 def _apply_lora(lm, sft: SftConfig, tok, model_dir: Path):
-    """LoRA on ``sft.lora.target_modules``; the SID-token embedding rows stay trainable."""
+    """LoRA on ``sft.lora.target_modules``; the SID-token rows of the embedding and of the LM head train.
+
+    Tied backbones share one matrix, so the embedding's trainable rows are the head's (peft ties them).
+    Untied backbones (Qwen2.5-7B/14B) have a separate head whose SID rows would otherwise stay at
+    their initialisation and could never be predicted well: both modules get the rows.
+    """
     from peft import LoraConfig, get_peft_model
 
-    sid_ids = [i for t, i in tok.get_added_vocab().items() if t.startswith("<") and t[1:2].isalpha() and t[2:3] == "_"]
+    sid_ids = _sid_token_ids(tok)
+    rows = None
+    if sid_ids:
+        names = {id(m): n for n, m in lm.named_modules()}
+        rows = {names[id(lm.get_input_embeddings())]: sid_ids}
+        text_cfg = lm.config.get_text_config()
+        if not getattr(text_cfg, "tie_word_embeddings", False):
+            rows[names[id(lm.get_output_embeddings())]] = sid_ids
     conf = LoraConfig(r=sft.lora.r, lora_alpha=sft.lora.alpha, lora_dropout=sft.lora.dropout,
                       target_modules=list(sft.lora.target_modules), task_type="CAUSAL_LM",
-                      trainable_token_indices={"embed_tokens": sorted(sid_ids)} if sid_ids else None)
+                      trainable_token_indices=rows)
     return get_peft_model(lm, conf)
 
 

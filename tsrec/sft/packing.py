@@ -3,7 +3,12 @@
 Packing: samples go into rows of at most ``pack_len`` tokens (first-fit decreasing, deterministic).
 Position ids restart at 0 for every sample; with no 2D attention mask, transformers 5.x
 (``masking_utils.find_packed_sequence_indices``) turns restarting position ids into a block-causal
-mask for sdpa/eager, and flash-attention uses them as varlen boundaries, so attention stays inside each
+mask for sdpa/eager, per row, so attention stays inside each sample. Flash attention does not: its
+packed-sequence detection (``modeling_flash_attention_utils._is_packed_sequence``) only looks at batch
+size 1, so an (R, T) batch of packed rows would run as R plain causal rows and samples would attend to
+each other. Under any flash implementation ``forward_hidden`` therefore feeds the micro-batch as one
+row of R*T tokens together with explicit cumulative sequence lengths (``cu_seq_lens_q/k``,
+``max_length_q/k``, the kwargs transformers passes to ``flash_attn_varlen_func``), one segment per
 sample. Padding at the end of a row is one more "sample" of positions 0..k with no labels, so it is
 never attended to by real tokens. Unpacked batches (``sft.packing: false``) are length-grouped within
 each step and use the same collate with one sample per row.
@@ -42,6 +47,11 @@ class Batch:
     task_ids: torch.Tensor  # (R, T) index into TASK_NAMES of each target, -1 where unsupervised
     real_tokens: int  # non-padding tokens
     num_samples: int
+    # Varlen boundaries over the flattened (R*T) batch: start of every segment (sample or row padding)
+    # plus the total, int32 as flash_attn_varlen_func wants; and the longest segment.
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    sample_lengths: tuple[int, ...] = ()  # token count of each real sample (attention FLOPs, ``tsrec.sft.flops``)
 
     @property
     def total_tokens(self) -> int:
@@ -108,7 +118,13 @@ def collate(rows: Sequence[Sequence[TokenizedSample]], pad_id: int, pad_to_multi
             pos += n
         real += pos
         position_ids[r, pos:] = torch.arange(width - pos)  # padding: its own segment
-    return Batch(input_ids, position_ids, targets, weights, task_ids, real, sum(len(r) for r in rows))
+    # Every segment starts at position 0 and is non-empty, so the zeros of the flat position ids are
+    # exactly the segment starts.
+    flat = position_ids.reshape(-1)
+    cu = torch.cat([(flat == 0).nonzero().reshape(-1), torch.tensor([flat.numel()])]).to(torch.int32)
+    lengths = tuple(len(s.input_ids) for row in rows for s in row)
+    return Batch(input_ids, position_ids, targets, weights, task_ids, real, len(lengths),
+                 cu_seqlens=cu, max_seqlen=int(cu.diff().max()), sample_lengths=lengths)
 
 
 def micro_batches(samples: Sequence[TokenizedSample], num_micro: int, packing: bool, pack_len: int,
@@ -130,11 +146,31 @@ def micro_batches(samples: Sequence[TokenizedSample], num_micro: int, packing: b
     return [collate(g, pad_id) for g in groups]
 
 
+def uses_varlen(lm) -> bool:
+    """True when ``lm`` runs a flash-attention implementation (flash_attention_2/3, hub flash kernels)."""
+    from transformers.utils.generic import is_flash_attention_requested
+
+    return is_flash_attention_requested(lm.config)
+
+
 def forward_hidden(lm, batch: Batch) -> torch.Tensor:
-    """Last hidden states of a causal LM's decoder for a (packed) batch. (R, T, D)"""
+    """Last hidden states of a causal LM's decoder for a (packed) batch. (R, T, D)
+
+    sdpa/eager: R rows, the block-causal mask comes from the restarting position ids. Flash: one row of
+    R*T tokens plus cumulative lengths, so transformers takes the varlen path (module docstring).
+    """
     decoder = lm.get_decoder()
-    out = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False)
-    return out.last_hidden_state
+    if not uses_varlen(lm):
+        out = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False)
+        return out.last_hidden_state
+    if batch.cu_seqlens is None:
+        raise ValueError("a flash-attention forward needs Batch.cu_seqlens (build batches with packing.collate)")
+    r, t = batch.input_ids.shape
+    cu = batch.cu_seqlens.to(batch.input_ids.device)
+    out = decoder(input_ids=batch.input_ids.reshape(1, r * t), position_ids=batch.position_ids.reshape(1, r * t),
+                  attention_mask=None, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                  max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
+    return out.last_hidden_state.reshape(r, t, -1)
 
 
 def weighted_token_loss(hidden: torch.Tensor, lm_head, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tsrec import prompts
 from tsrec.artifacts import InputError
-from tsrec.config import Config, SftConfig
+from tsrec.config import Config, ConfigError, SftConfig
 from tsrec.data.schema import read_items, read_split
 from tsrec.semantics.records import read_teacher_file
 from tsrec.semantics.ts_align import ts_align_samples
@@ -110,7 +110,12 @@ def build_mixture(cfg: Config, data_dir: str | Path, sids_dir: str | Path, seman
     seed = cfg.run.seed
     mixed: list[prompts.PromptSample] = []
     for offset, name in enumerate(TASK_NAMES):
-        mixed += resample(by_task[name], getattr(cfg.sft.tasks, name).share, seed + offset)
+        share = getattr(cfg.sft.tasks, name).share
+        if share < 0:
+            raise ConfigError(f"sft.tasks.{name}.share={share}: the share multiplies the task's natural size "
+                              "(1.0 = every sample once, 0.5 = a seeded half, 2.5 = twice plus a seeded half); "
+                              "it must be >= 0")
+        mixed += resample(by_task[name], share, seed + offset)
     random.Random(seed).shuffle(mixed)
     counts = dict(Counter(TASK_OF_TEMPLATE[s.task] for s in mixed))
 
@@ -157,9 +162,11 @@ def history_title_samples(rows, titles: dict[int, str], index: SidIndex, mode: s
 
 
 def resample(samples: Sequence, share: float, seed: int) -> list:
-    """Scale a task to ``round(share * len(samples))`` samples: whole copies plus a seeded random rest."""
+    """Scale a task to ``round(share * len(samples))`` samples: whole copies plus a seeded random rest.
+
+    ``share`` is a multiplier on the task's own size, not a fraction of the mixture."""
     if share < 0:
-        raise ValueError(f"task share must be >= 0, got {share}")
+        raise ValueError(f"share multiplies a task's size and must be >= 0, got {share}")
     if share == 1.0 or not samples:
         return list(samples)
     target = int(round(share * len(samples)))

@@ -1,0 +1,87 @@
+"""tune.space parsing, named errors, the resource check and the pure outputs (no Ray)."""
+
+from pathlib import Path
+
+import pytest
+
+from tsrec.config import TuneConfig, load_config
+from tsrec.tune.results import best_grid, read_results_csv, trial_rows, write_best_config, write_tables
+from tsrec.tune.space import (SweepSpaceError, TuneResourceError, check_resources, count_trials, init_variants,
+                              parse_space)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tune(space, **kw):
+    return TuneConfig(space=space, **kw)
+
+
+def test_space_kinds_and_counts():
+    t = _tune({"sa_init.depth": {"grid": [0, 3]}, "sft.tasks.ts_align.loss_weight": {"grid": [0, 1]},
+               "sft.lr": {"loguniform": [1e-4, 1e-2]}}, search="random", num_samples=3)
+    params = parse_space(t)
+    assert [(p.key, p.kind) for p in params] == [("sa_init.depth", "grid"), ("sft.tasks.ts_align.loss_weight", "grid"),
+                                                 ("sft.lr", "loguniform")]
+    assert params[1].values == (0.0, 1.0)  # coerced by the schema (float key)
+    assert count_trials(params, t) == 12
+    assert init_variants(params) == [{"sa_init.depth": 0}, {"sa_init.depth": 3}]
+
+
+@pytest.mark.parametrize("space, search, message", [
+    ({"sft.lrr": {"grid": [1e-3]}}, "grid", "unknown sweep key 'sft.lrr' (known at sft:"),
+    ({"sft.tasks.ts_align": {"grid": [1]}}, "grid", "is a section"),
+    ({"sa_init.depth": {"grid": ["deep"]}}, "grid", "sa_init.depth: expected an integer"),
+    ({"sft.lr": {"uniform": [1e-3, 1e-4]}}, "random", "lo < hi"),
+    ({"sft.lr": {"loguniform": [0, 1e-2]}}, "random", "0 < lo"),
+    ({"sft.lr": {"uniform": [1e-4, 1e-3]}}, "grid", "tune.search=grid needs grid entries only"),
+    ({"sa_init.depth": {"choice": [0, 3]}, "sft.warmup_steps": {"uniform": [1, 5]}}, "random", "not a float key"),
+    ({"sid.codebook_size": {"grid": [8, 16]}}, "grid", "built once and shared"),
+    ({"sft.lr": {"grid": []}}, "grid", "non-empty list"),
+    ({"sft.lr": {"between": [1, 2]}}, "grid", "expected one of"),
+    ({}, "grid", "tune.space: empty"),
+])
+def test_space_named_errors(space, search, message):
+    with pytest.raises(SweepSpaceError, match=None) as e:
+        parse_space(_tune(space, search=search))
+    assert message in str(e.value)
+
+
+def test_resource_check_names_what_is_short():
+    t = _tune({"sft.lr": {"grid": [1e-3, 1e-4]}}, max_concurrent_trials=4)
+    t.resources.workers, t.resources.cpus_per_worker, t.resources.gpus_per_worker = 2, 1.0, 1.0
+    with pytest.raises(TuneResourceError, match=r"short of CPU: need 4\.1, cluster has 4; GPU: need 4, cluster has 0"):
+        check_resources(t, 2, {"CPU": 4.0})  # 2 trials at once (only 2 exist) x (2 x 1 CPU + 0.05)
+    assert check_resources(t, 2, {"CPU": 8.0, "GPU": 4.0}) == 2
+    t.max_concurrent_trials = 0  # as many as fit
+    assert check_resources(t, 8, {"CPU": 8.0, "GPU": 4.0}) == 2
+
+
+def _trials():
+    def hist(vals):
+        return [{"steps": 4 * (i + 1), "valid_ndcg@10": v} for i, v in enumerate(vals)]
+
+    return [
+        {"trial_id": "a", "params": {"sa_init.depth": 0, "sft.tasks.ts_align.loss_weight": 0.0}, "history": hist([0.1, 0.2, 0.3]),
+         "finished": True, "error": None, "wall_s": 10.0},
+        {"trial_id": "b", "params": {"sa_init.depth": 3, "sft.tasks.ts_align.loss_weight": 1.0}, "history": hist([0.4, 0.35]),
+         "finished": True, "error": None, "wall_s": 9.0},
+        {"trial_id": "c", "params": {"sa_init.depth": 3, "sft.tasks.ts_align.loss_weight": 0.0}, "history": hist([0.05]),
+         "finished": False, "error": None, "wall_s": 3.0},
+    ]
+
+
+def test_results_table_and_best_config(tmp_path):
+    rows = trial_rows(_trials(), "valid_ndcg@10", "max")
+    assert [r["trial_id"] for r in rows] == ["b", "a", "c"]
+    assert rows[0]["best_valid_ndcg@10"] == 0.4 and rows[0]["best_step"] == 4 and rows[0]["steps_run"] == 8
+    assert [r["stopped_early"] for r in rows] == [False, False, True]
+    write_tables(rows, tmp_path)
+    assert [r["trial_id"] for r in read_results_csv(tmp_path / "results.csv")] == ["b", "a", "c"]
+    assert "| trial_id |" in (tmp_path / "results.md").read_text()
+    base = load_config(REPO / "configs" / "sweeps" / "demo.yaml").to_dict()
+    depths, weights, cells = best_grid(rows, "valid_ndcg@10", "max", base)
+    assert (depths, weights, cells) == ([0, 3], [0.0, 1.0], [[0.3, None], [0.05, 0.4]])
+    cfg = write_best_config(base, {"sa_init.depth": 3, "sft.tasks.ts_align.loss_weight": 1.0}, tmp_path / "best.yaml")
+    assert cfg.sa_init.depth == 3 and cfg.sft.tasks.ts_align.loss_weight == 1.0 and cfg.sft.valid_ranking_sample == 0
+    assert "\ntune:" not in (tmp_path / "best.yaml").read_text()
+    assert load_config(tmp_path / "best.yaml").run.out_dir == base["run"]["out_dir"]

@@ -1,0 +1,286 @@
+"""``tsrec tune``: Ray Tune sweeps over config keys, each trial an SFT ``TorchTrainer`` (STACK.md 4).
+
+    tsrec tune --config configs/sweeps/demo.yaml [key=value ...]
+    ray job submit --working-dir . -- python jobs/tune.py --config configs/sweeps/industrial_qwen2.5-1.5b.yaml
+
+1. The space is validated (``tsrec.tune.space``) and the concurrent trials are checked against
+   ``ray.cluster_resources()`` before anything runs (:class:`TuneResourceError` names what is short).
+2. Shared upstream: the pipeline's cached stages data, sid, semantics under ``run.out_dir`` (skipped when
+   up to date, exactly as ``tsrec run`` does); then one initialised model per distinct model/sa_init
+   combination of the space (``<tune>/inits/``), built before the Tuner starts.
+3. Per trial: a function trainable (a small CPU share) builds a ``TorchTrainer`` over the SFT loop with
+   the trial's config and ``sft.valid_ranking_sample = tune.valid_sample_size``; every report goes to Tune
+   through :class:`_Report` (``eval/x`` -> ``valid_x``, ``steps`` = step + 1), ASHA stops on ``tune.metric``
+   with ``steps`` as its time. Each start appends a marker under ``<tune>/trial_starts/``.
+4. Resume: the experiment lives in ``<tune>/ray/sweep``; rerunning the same command restores it
+   (``Tuner.restore``): finished trials keep their results, unfinished ones restart and their
+   ``TorchTrainer`` (same name and storage) resumes from its last checkpoint.
+5. Outputs in ``<run.out_dir>/<tune.dir>/``: results.csv, results.md, metric_vs_step.png,
+   best_by_depth_weight.png, best_config.yaml, best_model/ (HF folder), best_test_eval/ (eval_test).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tsrec.config import Config
+from tsrec.tune.space import (Param, apply_params, check_resources, count_trials, init_key, init_variants,
+                              parse_space)
+
+UPSTREAM = ("data", "sid", "semantics")
+EXPERIMENT = "sweep"
+
+
+def run_tune(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the sweep of ``cfg.tune``; returns the summary written to ``<tune>/summary.json``."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from tsrec.orchestration.cluster import ensure_ray
+
+    t = cfg.tune
+    params = parse_space(t)
+    n_trials = count_trials(params, t)
+    root = Path(cfg.run.out_dir).resolve()
+    tune_dir = root / t.dir
+    ensure_ray(cfg)
+    concurrent = check_resources(t, n_trials, ray.cluster_resources())  # before anything starts
+    log(f"[tsrec tune] {n_trials} trial(s), {concurrent} at once, metric {t.metric} ({t.mode}) -> {tune_dir}")
+
+    # --- shared upstream: the pipeline's cached stages, then one init per model/sa_init combination ---
+    _upstream(cfg, root, log)
+    base = cfg.to_dict()
+    base["run"]["out_dir"] = str(root)
+    inits = {}
+    for values in init_variants(params):
+        icfg = apply_params(base, values)
+        inits[init_key(icfg)] = _init(icfg, root, tune_dir / "inits" / init_key(icfg), log)
+
+    # --- the Tuner (new or restored) ---
+    trainable = tune.with_resources(_make_trial_fn(base, root, tune_dir),
+                                    {"CPU": t.resources.driver_cpus})
+    storage = tune_dir / "ray"
+    exp_path = storage / EXPERIMENT
+    if tune.Tuner.can_restore(str(exp_path)):
+        log(f"[tsrec tune] resuming the sweep in {exp_path}")
+        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        max_t = t.scheduler.max_t or cfg.sft.max_steps or 10**9
+        scheduler = (ASHAScheduler(time_attr="steps", max_t=max_t, grace_period=t.scheduler.grace_period,
+                                   reduction_factor=t.scheduler.reduction_factor)
+                     if t.scheduler.type == "asha" else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable, param_space={"params": _space(params, tune)},
+            tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, scheduler=scheduler, search_alg=_searcher(cfg, concurrent),
+                                        num_samples=t.num_samples, max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(storage), verbose=0))
+    grid = tuner.fit()
+
+    # --- outputs ---
+    trials = [_record(r, base) for r in grid]
+    return _write_outputs(cfg, base, trials, tune_dir, root, log)
+
+
+def _space(params: list[Param], tune) -> dict[str, Any]:
+    make = {"grid": lambda v: tune.grid_search(list(v)), "choice": lambda v: tune.choice(list(v)),
+            "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}
+    return {p.key: make[p.kind](p.values) for p in params}
+
+
+def _searcher(cfg: Config, concurrent: int):
+    from ray.tune.search import BasicVariantGenerator
+
+    if cfg.tune.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+            import optuna  # noqa: F401
+        except ImportError:
+            from tsrec.tune.space import SweepSpaceError
+
+            raise SweepSpaceError("tune.search=optuna needs the optuna package (pip install optuna); "
+                                  "or use tune.search=random") from None
+        return OptunaSearch(seed=cfg.run.seed)
+    # Seeded random samples. A search algorithm passed in ignores TuneConfig.max_concurrent_trials: the
+    # generator's own max_concurrent is what keeps trials (and their Train groups) within the check above.
+    return BasicVariantGenerator(random_state=cfg.run.seed, max_concurrent=concurrent)
+
+
+def _upstream(cfg: Config, root: Path, log) -> None:
+    """data, sid, semantics as `tsrec run` runs them: skipped when their folders are up to date."""
+    from tsrec.artifacts import atomic_write_json
+    from tsrec.orchestration.pipeline import (MARKER, STAGE_DIRS, STAGES, _config_hash, _manifest_sha,
+                                              _up_to_date)
+
+    for name in UPSTREAM:
+        if name not in cfg.pipeline.stages:
+            continue
+        stage_dir = root / STAGE_DIRS[name]
+        if _up_to_date(cfg, name, stage_dir):
+            log(f"[tsrec tune] {name}: up to date in {stage_dir}, skipped")
+            continue
+        log(f"[tsrec tune] {name}: running -> {stage_dir}")
+        t0 = time.perf_counter()
+        STAGES[name](cfg, root)
+        atomic_write_json(stage_dir / MARKER, {"stage": name, "config_sha256": _config_hash(cfg, name),
+                                               "manifest_sha256": _manifest_sha(stage_dir),
+                                               "seconds": round(time.perf_counter() - t0, 2)})
+
+
+def _semantics_file(root: Path) -> Path | None:
+    f = root / "semantics" / "description_keywords.json"
+    return f if f.exists() else None
+
+
+def _init(cfg: Config, root: Path, out: Path, log) -> Path:
+    from tsrec.artifacts import is_complete
+    from tsrec.model import init_model
+
+    if not is_complete(out):
+        log(f"[tsrec tune] model init (sa_init.depth={cfg.sa_init.depth}) -> {out}")
+        init_model(cfg, root / "sids", _semantics_file(root), out)
+    return out
+
+
+def _make_trial_fn(base: dict[str, Any], root: Path, tune_dir: Path):
+    def trial(config: dict[str, Any]) -> None:
+        from ray import tune
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from tsrec.orchestration.cluster import train_logging_config
+        from tsrec.orchestration.train import _train_worker
+
+        trial_id = tune.get_context().get_trial_id()
+        starts = tune_dir / "trial_starts"
+        starts.mkdir(parents=True, exist_ok=True)
+        (starts / f"{trial_id}.{time.time_ns()}").touch()  # one marker per start: resume is auditable
+        cfg = apply_params(base, config["params"])
+        cfg.sft.valid_ranking_sample = cfg.tune.valid_sample_size
+        r = cfg.tune.resources
+        sem = _semantics_file(root) if cfg.sft.use_ts_align else None
+        storage, name = str(tune_dir / "trials"), f"trial-{trial_id}"
+        res = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker > 0 else {})}
+        result = TorchTrainer(
+            _train_worker,
+            train_loop_config={"cfg": cfg.to_dict(), "model": str(tune_dir / "inits" / init_key(cfg)),
+                               "data": str(root / "data"), "sids": str(root / "sids"),
+                               "semantics": str(sem) if sem else None, "artifacts": f"{storage}/{name}/artifacts"},
+            scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=res),
+            # Same name + storage on a restored sweep: Ray Train resumes this trial from its last checkpoint.
+            run_config=RunConfig(name=name, storage_path=storage, callbacks=[_Report()],
+                                 failure_config=FailureConfig(max_failures=cfg.sft.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=1),
+                                 logging_config=train_logging_config()),
+        ).fit()
+        if getattr(result, "error", None) is not None:
+            raise result.error
+        # Tells the results table this trial ran to its end (not stopped by the scheduler). Tune wants the
+        # metric in every result: the last evaluation's values (the loop always evaluates its last step).
+        tune.report({**_rename(result.metrics or {}), "sft_finished": 1})
+
+    return trial
+
+
+def _report_callback_class():
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class Report(TuneReportCallback):
+        """TuneReportCallback with sweep names: ``eval/ndcg@10`` -> ``valid_ndcg@10``, ``eval/loss`` ->
+        ``valid_loss``, and ``steps`` (optimiser steps done) as the scheduler's time."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            # Only evaluation steps: Tune requires the metric in every result it gets.
+            if metrics and "eval/loss" in metrics[0]:
+                super().after_report(run_context, [_rename(m) for m in metrics], checkpoint)
+
+    return Report
+
+
+def _rename(m: dict[str, Any]) -> dict[str, Any]:
+    out = {(f"valid_{k[5:]}" if k.startswith("eval/") else k): v for k, v in m.items() if not isinstance(v, dict)}
+    if "step" in out:
+        out["steps"] = int(out["step"]) + 1
+    return out
+
+
+def _Report():  # noqa: N802 - reads as the class it builds (defined lazily: Ray only on use)
+    return _report_callback_class()()
+
+
+def _record(result, base: dict[str, Any]) -> dict[str, Any]:
+    """A plain trial record (tsrec.tune.results) from a Tune ``Result``."""
+    df = result.metrics_dataframe
+    history = []
+    if df is not None and len(df):
+        for row in df.to_dict("records"):
+            history.append({k: (None if _isnan(v) else v) for k, v in row.items()})
+    params = dict((result.config or {}).get("params", {}))
+    cfg = apply_params(base, params)
+    last = result.metrics or {}
+    seen, points = set(), []
+    for h in history:  # the final "finished" report repeats the last evaluation
+        if h.get("steps") is not None and h["steps"] not in seen:
+            seen.add(h["steps"])
+            points.append(h)
+    return {"trial_id": last.get("trial_id") or Path(result.path).name, "params": params, "history": points,
+            "finished": any(h.get("sft_finished") for h in history), "error": str(result.error) if result.error else None,
+            "wall_s": last.get("time_total_s") or (history[-1].get("time_total_s") if history else 0.0),
+            "max_steps": cfg.sft.max_steps, "path": result.path}
+
+
+def _isnan(v) -> bool:
+    return isinstance(v, float) and v != v
+
+
+def _write_outputs(cfg: Config, base, trials, tune_dir: Path, root: Path, log) -> dict[str, Any]:
+    from tsrec.artifacts import atomic_write_json
+    from tsrec.tune.results import (best_trial, plot_heatmap, plot_metric_vs_step, trial_rows, write_best_config,
+                                    write_tables)
+
+    t = cfg.tune
+    rows = trial_rows(trials, t.metric, t.mode)
+    write_tables(rows, tune_dir)
+    plot_metric_vs_step(trials, t.metric, tune_dir / "metric_vs_step.png")
+    plot_heatmap(rows, t.metric, t.mode, base, tune_dir / "best_by_depth_weight.png")
+    best = best_trial(trials, t.metric, t.mode)
+    summary: dict[str, Any] = {"trials": len(trials), "metric": t.metric, "mode": t.mode,
+                               "stopped_early": sum(bool(r["stopped_early"]) for r in rows),
+                               "errors": sum(r["status"] == "error" for r in rows), "out": str(tune_dir)}
+    if best is not None:
+        write_best_config(base, best["params"], tune_dir / "best_config.yaml")
+        summary.update(best_trial=best["trial_id"], best_params=best["params"],
+                       best_metric=rows[0][f"best_{t.metric}"])
+        if t.export_best:
+            summary["best_model"] = str(_export_best(best, tune_dir))
+            if t.eval_test:
+                from tsrec.orchestration.evaluate import run_eval
+
+                ecfg = apply_params(base, best["params"])
+                ecfg.eval.split = "test"
+                summary["best_test"] = run_eval(ecfg, tune_dir / "best_model", root / "data", root / "sids",
+                                                tune_dir / "best_test_eval")
+    atomic_write_json(tune_dir / "summary.json", json.loads(json.dumps(summary, default=str)))
+    log((tune_dir / "results.md").read_text())
+    log(f"[tsrec tune] results: {tune_dir / 'results.md'}; best config: {tune_dir / 'best_config.yaml'}")
+    return summary
+
+
+def _export_best(best: dict[str, Any], tune_dir: Path) -> Path:
+    """The best trial's best-on-valid-loss HF folder (else its final one) -> ``<tune>/best_model``."""
+    arts = tune_dir / "trials" / f"trial-{best['trial_id']}" / "artifacts"
+    src = arts / "best" if (arts / "best" / "config.json").exists() else arts / "final"
+    dest = tune_dir / "best_model"
+    if not (src / "config.json").exists():
+        raise FileNotFoundError(f"{src}: the best trial left no model folder")
+    tmp = tune_dir / ".best_model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest

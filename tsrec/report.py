@@ -1,0 +1,410 @@
+"""The run report: ``<run>/report.md`` and ``<run>/report.html`` (issue 10). Pure Python, no Ray.
+
+Written at the end of every ``tsrec run`` and by ``tsrec report RUN_DIR``; it only reads the stage
+folders under the run folder (``data/``, ``sids/``, ``semantics/``, ``model/``, ``sft/``, ``eval/``),
+so it can be rebuilt at any time. A stage folder without a ``manifest.json`` shows as "not run" and
+every section that needs it says so: a partial run still gets a report.
+
+Sections: stages (status, time, key counts, folder), teacher records (valid/failed, two examples),
+SA-Init (depth, rows initialised), SFT loss curves per task (PNG from ``sft/metrics.csv``), metrics
+(the model and the baselines of ``eval/metrics.json``), example recommendations (history titles,
+target title, top-5 titles with hit marks from ``eval/rankings.parquet`` + ``data/items.parquet``).
+
+The Markdown file links its PNGs in ``report_files/``; the HTML twin inlines them as base64 so it
+opens offline as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from tsrec.artifacts import atomic_write_text
+
+STAGES = [("data", "data"), ("sid", "sids"), ("semantics", "semantics"), ("model", "model"), ("sft", "sft"),
+          ("rl", "rl"), ("eval", "eval")]
+OPTIONAL = {"rl"}  # listed only when its folder exists (not in the default pipeline)
+NOT_RUN = "not run"
+N_EXAMPLES = 4
+TOP = 5
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _manifest(stage_dir: Path) -> dict[str, Any] | None:
+    return _json(stage_dir / "manifest.json")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "" if v is None else str(v)
+
+
+# --- collecting --------------------------------------------------------------------------------
+
+
+def _stage_counts(name: str, stats: dict[str, Any]) -> str:
+    """The few numbers a reader wants per stage, from the manifest stats."""
+    pick = {
+        "data": lambda s: f"{s.get('items')} items, {s.get('users')} users, "
+                          + "/".join(str(v) for v in s["rows"].values()) + " " + "/".join(s["rows"]) + " rows",
+        "sid": lambda s: f"{s.get('items')} items, {s.get('levels')} levels x {s.get('codebook_size')} codes"
+                         + (f", {s['reassigned_items']} items reassigned to resolve collisions"
+                            if "reassigned_items" in s else ""),
+        "semantics": lambda s: f"{s.get('ok')} ok / {s.get('failed')} failed of {s.get('tokens_requested')} tokens "
+                               f"(engine {s.get('engine')})",
+        "model": lambda s: f"{s.get('sid_tokens')} SID tokens, SA-Init depth {s.get('depth')}, "
+                           f"{s.get('sa_init_rows')} rows initialised",
+        "sft": lambda s: f"{s.get('steps')} steps, final train loss {_fmt(s.get('final_train_loss'))}, "
+                         f"final valid loss {_fmt(s.get('final_val_loss'))}",
+        "eval": lambda s: f"{s.get('rows')} {s.get('split')} rows, beams {s.get('beams')}"
+                          + "".join(f", HR@{k.split('@')[1]} {_fmt(s[k])}" for k in
+                                    sorted((k for k in s if k.startswith("hr@")), key=lambda k: int(k[3:]))[-1:]),
+    }.get(name)
+    try:
+        return pick(stats) if pick else ""
+    except (TypeError, KeyError):
+        return ""
+
+
+def collect_stages(root: Path) -> list[dict[str, Any]]:
+    """One row per pipeline stage: status, seconds, counts, folder (missing stages: "not run")."""
+    pipeline = _json(root / "pipeline.json") or {}
+    rows = []
+    for name, folder in STAGES:
+        d = root / folder
+        if name in OPTIONAL and not d.exists():
+            continue
+        man = _manifest(d)
+        if man is None:
+            rows.append({"stage": name, "status": NOT_RUN, "seconds": None, "counts": "", "folder": str(d)})
+            continue
+        marker = _json(d / "pipeline_stage.json") or {}
+        seconds = pipeline.get("timing_s", {}).get(name, marker.get("seconds", man.get("stats", {}).get("seconds")))
+        skipped = bool(pipeline.get("stages", {}).get(name, {}).get("skipped"))
+        seconds = f"{seconds:.1f}" if isinstance(seconds, (int, float)) else seconds
+        rows.append({"stage": name, "status": "up to date (skipped)" if skipped else "done", "seconds": seconds,
+                     "counts": _stage_counts(name, man.get("stats", {})), "folder": str(d)})
+    return rows
+
+
+def collect_teacher(root: Path) -> dict[str, Any] | None:
+    d = root / "semantics"
+    man = _manifest(d)
+    if man is None:
+        return None
+    stats = man.get("stats", {})
+    examples, failures = [], []
+    path = d / "semantics.parquet"
+    if path.exists():
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(path, columns=["token", "status", "description", "keywords", "error"]).to_pylist()
+        for r in t:
+            kws = r.get("keywords")
+            try:
+                kws = json.loads(kws) if isinstance(kws, str) else kws
+            except ValueError:
+                pass
+            rec = {"token": r["token"], "description": r.get("description") or "", "keywords": kws or [],
+                   "error": r.get("error") or ""}
+            (examples if r["status"] == "ok" else failures).append(rec)
+    return {"engine": stats.get("engine"), "model": stats.get("model"), "ok": stats.get("ok"),
+            "failed": stats.get("failed"), "requested": stats.get("tokens_requested"),
+            "examples": examples[:2], "failures": failures[:2]}
+
+
+def collect_sa_init(root: Path) -> dict[str, Any] | None:
+    rep = _json(root / "model" / "init_report.json")
+    if rep is None:
+        return None
+    return {k: rep.get(k) for k in ("depth", "source", "sa_init_rows", "sid_tokens", "init_kinds", "tied",
+                                    "init_lm_head", "backbone", "missing_semantics")}
+
+
+def collect_sft(root: Path) -> tuple[list[dict], dict[str, Any] | None]:
+    d = root / "sft"
+    man = _manifest(d)
+    if man is None:
+        return [], None
+    from tsrec.sft.checkpoint import read_metrics_csv
+
+    return read_metrics_csv(d / "metrics.csv"), man.get("stats", {})
+
+
+def collect_metrics(root: Path) -> dict[str, Any] | None:
+    m = _json(root / "eval" / "metrics.json") if _manifest(root / "eval") is not None else None
+    if m is None:
+        return None
+    keys = [k for k in m if k.startswith(("hr@", "ndcg@"))]
+    keys.sort(key=lambda k: (int(k.split("@")[1]), k.startswith("ndcg")))
+    rows = [{"name": "tsrec (model)", **{k: m[k] for k in keys}}]
+    base = m.get("baselines") or {}
+    for name in ("popularity", "markov"):
+        if isinstance(base.get(name), dict):
+            rows.append({"name": f"{name} (baseline)", **{k: base[name].get(k) for k in keys}})
+    return {"keys": keys, "rows": rows, "split": m.get("split"), "n": m.get("rows"), "beams": m.get("beams"),
+            "baselines_note": base.get("skipped")}
+
+
+def collect_examples(root: Path, n: int = N_EXAMPLES, top: int = TOP) -> list[dict[str, Any]] | None:
+    """The first ``n`` rows of ``rankings.parquet`` in titles (hits first if there are any, then misses)."""
+    rank_path = root / "eval" / "rankings.parquet"
+    if _manifest(root / "eval") is None or not rank_path.exists() or not (root / "data" / "items.parquet").exists():
+        return None
+    import pyarrow.parquet as pq
+
+    from tsrec.data.schema import read_split
+    from tsrec.sid.index import read_index
+
+    split = (_json(root / "eval" / "metrics.json") or {}).get("split", "test")
+    items = pq.read_table(root / "data" / "items.parquet", columns=["item_id", "title"]).to_pylist()
+    title = {r["item_id"]: r["title"] for r in items}
+    try:
+        sid_to_item = {"".join(t): i for i, t in read_index(root / "sids").items.items()}
+    except Exception:  # noqa: BLE001 - a missing or foreign index only loses the titles of the top-5
+        sid_to_item = {}
+    ranked = pq.read_table(rank_path, columns=["row", "item_id", "ranked_sids", "hit_rank"]).to_pylist()
+    hits = [r for r in ranked if 0 <= r["hit_rank"] < top]
+    chosen = (hits[: max(1, n // 2)] + [r for r in ranked if not 0 <= r["hit_rank"] < top])[:n]
+    chosen.sort(key=lambda r: r["row"])
+    hist = read_split(root / "data", split).column("history_item_ids").to_pylist()
+    out = []
+    for r in chosen:
+        recs = []
+        for pos, sid in enumerate(r["ranked_sids"][:top]):
+            item = sid_to_item.get(sid)
+            recs.append({"rank": pos + 1, "title": title.get(item, sid), "hit": pos == r["hit_rank"]})
+        h = [title.get(i, str(i)) for i in hist[r["row"]]]
+        if len(h) > TOP:  # the most recent items; the prompt holds them all
+            h = [f"({len(h) - TOP} earlier)"] + h[-TOP:]
+        out.append({"row": r["row"], "history": h,
+                    "target": title.get(r["item_id"], str(r["item_id"])), "recs": recs,
+                    "hit_rank": r["hit_rank"] + 1 if r["hit_rank"] >= 0 else None})
+    return out
+
+
+def loss_plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    """One PNG per SFT task (``train/loss/<task>``), plus the total with the validation loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for r in rows for k in r if k.startswith("train/loss/")})
+    panels = [("total", ["train/loss", "eval/loss"])] + [(k.split("/", 2)[2], [k]) for k in keys]
+    paths = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, series in panels:
+        fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=90)
+        drawn = False
+        for k in series:
+            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and "step" in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, label=k, marker="o" if k == "eval/loss" else None, markersize=3)
+                drawn = True
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_title(f"SFT loss: {name}", fontsize=10)
+        ax.set_xlabel("optimiser step", fontsize=8)
+        ax.set_ylabel("loss", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"loss_{name}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+
+def _md_table(header: list[str], rows: list[list[Any]]) -> str:
+    esc = [[_fmt(c).replace("|", "\\|").replace("\n", " ") for c in r] for r in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in esc])
+
+
+def metrics_table(metrics: dict[str, Any] | None) -> tuple[list[str], list[list[Any]]]:
+    if metrics is None:
+        return [], []
+    return ["", *metrics["keys"]], [[r["name"], *[r.get(k) for k in metrics["keys"]]] for r in metrics["rows"]]
+
+
+def build(root: str | Path) -> dict[str, Any]:
+    """Every section's content (plain data), from the run folder."""
+    root = Path(root)
+    sft_rows, sft_stats = collect_sft(root)
+    return {"root": str(root), "config": _json(root / "pipeline.json") is not None,
+            "stages": collect_stages(root), "teacher": collect_teacher(root), "sa_init": collect_sa_init(root),
+            "sft_rows": sft_rows, "sft": sft_stats, "metrics": collect_metrics(root), "examples": collect_examples(root)}
+
+
+def render_markdown(rep: dict[str, Any], plots: list[Path], root: Path) -> str:
+    out = [f"# tsrec run report\n\nRun folder: `{rep['root']}`\n", "## Stages\n"]
+    out.append(_md_table(["stage", "status", "time (s)", "key counts", "folder"],
+                         [[s["stage"], s["status"], s["seconds"], s["counts"], s["folder"]] for s in rep["stages"]]))
+    out.append("\n## Teacher semantics\n")
+    t = rep["teacher"]
+    if t is None:
+        out.append(f"Teacher extraction: {NOT_RUN}.")
+    else:
+        out.append(f"Engine `{t['engine']}`, model `{t['model']}`: **{t['ok']} valid**, **{t['failed']} failed** "
+                   f"of {t['requested']} requested token records.\n")
+        for e in t["examples"]:
+            out.append(f"- `{e['token']}`: {e['description']}  \n  keywords: {', '.join(map(str, e['keywords']))}")
+        for e in t["failures"]:
+            out.append(f"- failed `{e['token']}`: {e['error']}")
+    out.append("\n## SA-Init\n")
+    s = rep["sa_init"]
+    if s is None:
+        out.append(f"Model init: {NOT_RUN}.")
+    else:
+        out.append(f"Depth **{s['depth']}** (source: {s['source']}): **{s['sa_init_rows']}** of {s['sid_tokens']} SID "
+                   f"token rows initialised from teacher keywords; row kinds {s['init_kinds']}; tied head: {s['tied']}.")
+    out.append("\n## SFT loss\n")
+    if rep["sft"] is None:
+        out.append(f"SFT: {NOT_RUN}.")
+    elif not plots:
+        out.append("SFT ran but `metrics.csv` has no loss rows.")
+    else:
+        st = rep["sft"]
+        out.append(f"{st.get('steps')} steps; final train loss {_fmt(st.get('final_train_loss'))}, "
+                   f"final validation loss {_fmt(st.get('final_val_loss'))}.\n")
+        out.extend(f"![{p.stem}]({p.relative_to(root).as_posix()})" for p in plots)
+    out.append("\n## Metrics\n")
+    m = rep["metrics"]
+    if m is None:
+        out.append(f"Evaluation: {NOT_RUN}.")
+    else:
+        out.append(f"{m['n']} {m['split']} rows, beam width {m['beams']}; the baselines are scored on the same rows "
+                   "(popularity and first-order transitions from the train split).\n")
+        out.append(_md_table(*metrics_table(m)))
+        if m.get("baselines_note"):
+            out.append(f"\nBaselines skipped: {m['baselines_note']}")
+    out.append("\n## Example recommendations\n")
+    if rep["examples"] is None:
+        out.append(f"Evaluation: {NOT_RUN}.")
+    for e in rep["examples"] or []:
+        hit = f"hit at rank {e['hit_rank']}" if e["hit_rank"] else "no hit in the beam"
+        out.append(f"**Row {e['row']}** ({hit})\n\n- history: " + " → ".join(e["history"]) +
+                   f"\n- target: **{e['target']}**\n- top-{len(e['recs'])}: " +
+                   "; ".join(f"{r['rank']}. {r['title']}{' ✅' if r['hit'] else ''}" for r in e["recs"]) + "\n")
+    return "\n".join(out) + "\n"
+
+
+def _h(v: Any) -> str:
+    return html.escape(_fmt(v))
+
+
+def _html_table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{_h(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{_h(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.45}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;font-size:.9em;text-align:left}
+th{background:#f0f0f0}code{background:#f4f4f4;padding:0 .2em}.hit{color:#0a7d12;font-weight:bold}
+.notrun{color:#999;font-style:italic}img{margin:.3em;border:1px solid #ddd}.ex{margin:.8em 0;padding:.5em;border-left:3px solid #ccc}"""
+
+
+def render_html(rep: dict[str, Any], plots: list[Path]) -> str:
+    nr = f"<p class='notrun'>{NOT_RUN}</p>"
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>tsrec run report</title><style>{CSS}</style>"
+           f"</head><body><h1>tsrec run report</h1><p>Run folder: <code>{_h(rep['root'])}</code></p><h2>Stages</h2>"]
+    out.append(_html_table(["stage", "status", "time (s)", "key counts", "folder"],
+                           [[s["stage"], s["status"], s["seconds"], s["counts"], s["folder"]] for s in rep["stages"]]))
+    out.append("<h2>Teacher semantics</h2>")
+    t = rep["teacher"]
+    if t is None:
+        out.append(nr)
+    else:
+        out.append(f"<p>Engine <code>{_h(t['engine'])}</code>, model <code>{_h(t['model'])}</code>: <b>{_h(t['ok'])} "
+                   f"valid</b>, <b>{_h(t['failed'])} failed</b> of {_h(t['requested'])} requested token records.</p><ul>")
+        out.extend(f"<li><code>{_h(e['token'])}</code>: {_h(e['description'])}<br><small>keywords: "
+                   f"{_h(', '.join(map(str, e['keywords'])))}</small></li>" for e in t["examples"])
+        out.extend(f"<li>failed <code>{_h(e['token'])}</code>: {_h(e['error'])}</li>" for e in t["failures"])
+        out.append("</ul>")
+    out.append("<h2>SA-Init</h2>")
+    s = rep["sa_init"]
+    out.append(nr if s is None else
+               f"<p>Depth <b>{_h(s['depth'])}</b> (source: {_h(s['source'])}): <b>{_h(s['sa_init_rows'])}</b> of "
+               f"{_h(s['sid_tokens'])} SID token rows initialised from teacher keywords; row kinds "
+               f"{_h(s['init_kinds'])}; tied head: {_h(s['tied'])}.</p>")
+    out.append("<h2>SFT loss</h2>")
+    if rep["sft"] is None:
+        out.append(nr)
+    else:
+        st = rep["sft"]
+        out.append(f"<p>{_h(st.get('steps'))} steps; final train loss {_h(st.get('final_train_loss'))}, final "
+                   f"validation loss {_h(st.get('final_val_loss'))}.</p><div>")
+        out.extend(f"<img alt='{_h(p.stem)}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
+                   for p in plots)
+        out.append("</div>")
+    out.append("<h2>Metrics</h2>")
+    m = rep["metrics"]
+    if m is None:
+        out.append(nr)
+    else:
+        out.append(f"<p>{_h(m['n'])} {_h(m['split'])} rows, beam width {_h(m['beams'])}; the baselines are scored on the "
+                   "same rows (popularity and first-order transitions from the train split).</p>")
+        out.append(_html_table(*metrics_table(m)))
+        if m.get("baselines_note"):
+            out.append(f"<p>Baselines skipped: {_h(m['baselines_note'])}</p>")
+    out.append("<h2>Example recommendations</h2>")
+    if rep["examples"] is None:
+        out.append(nr)
+    for e in rep["examples"] or []:
+        hit = f"hit at rank {e['hit_rank']}" if e["hit_rank"] else "no hit in the beam"
+        recs = "".join(f"<li{' class=hit' if r['hit'] else ''}>{_h(r['title'])}{' ✔' if r['hit'] else ''}</li>"
+                       for r in e["recs"])
+        out.append(f"<div class='ex'><b>Row {_h(e['row'])}</b> ({hit})<br>history: {_h(' → '.join(e['history']))}<br>"
+                   f"target: <b>{_h(e['target'])}</b><ol>{recs}</ol></div>")
+    out.append("</body></html>")
+    return "".join(out)
+
+
+def write_report(run_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.md``, ``report.html`` and ``report_files/*.png`` into ``run_dir``; returns their paths."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        from tsrec.artifacts import InputError
+
+        raise InputError(root, "run folder not found")
+    rep = build(root)
+    plots = loss_plots(rep["sft_rows"], root / "report_files") if rep["sft"] is not None else []
+    md, page = root / "report.md", root / "report.html"
+    atomic_write_text(md, render_markdown(rep, plots, root))
+    atomic_write_text(page, render_html(rep, plots))
+    return {"markdown": md, "html": page}
+
+
+def console_summary(run_dir: str | Path) -> str:
+    """The few lines ``tsrec run`` ends with: the metrics table (model vs baselines) and the report path."""
+    root = Path(run_dir)
+    m = collect_metrics(root)
+    lines = []
+    if m is None:
+        lines.append(f"evaluation: {NOT_RUN}")
+    else:
+        header, rows = metrics_table(m)
+        keys = [k for k in header[1:] if k.endswith(("@5", "@10"))] or header[1:]
+        lines.append(f"{m['split']} ({m['n']} rows)".ljust(22) + "".join(k.rjust(9) for k in keys))
+        for r in m["rows"]:
+            lines.append(r["name"].ljust(22) + "".join(_fmt(r.get(k)).rjust(9) for k in keys))
+    lines.append(f"report: {root / 'report.md'} (and report.html)")
+    return "\n".join(lines)
