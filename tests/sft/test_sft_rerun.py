@@ -18,7 +18,7 @@ from tsrec.sft.checkpoint import read_metrics_csv
 
 pytestmark = pytest.mark.ray
 
-COMMON = ["sft.global_batch_size=8", "sft.micro_batch_size=4", "sft.lr=3e-3", "sft.warmup_steps=1", "sft.max_steps=2",
+COMMON = ["sft.global_batch_size=8", "sft.micro_batch_size=4", "sft.lr=3e-3", "sft.warmup_steps=0", "sft.max_steps=2",
           "sft.eval_every_steps=2", "sft.save_every_steps=2", "sft.precision=fp32", "resources.sft.workers=1",
           "resources.sft.cpus_per_worker=1", "run.name=t", "pipeline.stages=[sft]"]
 

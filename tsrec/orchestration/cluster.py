@@ -56,8 +56,19 @@ warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated", ca
 # Ray Train's print patch also sends every print of a worker to its logger, so each [sft] line
 # reached the console twice.
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
-             "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+             "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+             # Read by Ray Train workers (quiet_train_worker): Train's LoggingConfig reaches its controller,
+             # but each worker still logs "Reporting training result ..." at INFO to the console.
+             "TSREC_QUIET": "1"}
 _quiet = False
+
+
+def quiet_train_worker() -> None:
+    """In a Ray Train worker of a quiet run: keep Ray Train's per-report INFO lines off the console."""
+    import logging as _logging
+
+    if os.environ.get("TSREC_QUIET") == "1":
+        _logging.getLogger("ray.train").setLevel(_logging.WARNING)
 
 
 def train_logging_config():

@@ -30,7 +30,7 @@ from typing import Any
 
 from tsrec.artifacts import InputError, staging_dir, write_manifest
 from tsrec.config import Config, config_from_manifest_dict
-from tsrec.orchestration.cluster import ensure_ray, train_logging_config
+from tsrec.orchestration.cluster import ensure_ray, quiet_train_worker, train_logging_config
 
 
 class RayTrainContext:
@@ -39,6 +39,7 @@ class RayTrainContext:
     def __init__(self, artifacts_uri: str, checkpoint=None):
         import ray.train
 
+        quiet_train_worker()
         tc = ray.train.get_context()
         self.rank, self.world_size = tc.get_world_rank(), tc.get_world_size()
         self.local_rank = tc.get_local_rank()

@@ -361,6 +361,10 @@ def _maybe_fail(sft: SftConfig, step: int, rank: int, world: int) -> None:
     if marker is not None:
         marker.touch()
     print(f"[sft] fault injection: rank {rank} SIGKILLs itself after step {step}", flush=True)
+    # Ray Train's controller polls each worker's last report (a queue of one); a kill within
+    # milliseconds of a checkpoint report can beat that poll on a loaded machine, and the restart then
+    # finds an older checkpoint. A crash in a real run comes long after its last report.
+    time.sleep(3.0)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
