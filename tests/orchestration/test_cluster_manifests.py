@@ -167,3 +167,55 @@ def test_runtime_env_is_valid():
     assert ".venv" in env["excludes"]
     # tests/orchestration/test_jobs.py submits a job with exactly this file (`--runtime-env`).
     assert "cluster/runtime_env.yaml" in (REPO / "tests" / "orchestration" / "test_jobs.py").read_text()
+
+
+# RayJobs per entry point (issue 13): one-shot clusters with token auth, shared storage and GPU worker
+# groups sized from `tsrec plan` (the plan command is the manifest's tsrec.dev/plan annotation).
+PLANNED_JOBS = ["rayjob-pipeline.yaml", "rayjob-rl.yaml", "rayjob-tune.yaml", "rayjob-sft-7b.yaml"]
+
+
+@pytest.mark.parametrize("name", PLANNED_JOBS)
+def test_rayjob_is_one_shot_authenticated_shared_and_sized_from_plan(name, capsys):
+    import json
+    import shlex
+
+    from tsrec.cli import main
+    from tsrec.config import load_config
+
+    doc = yaml.safe_load((REPO / "cluster" / name).read_text())
+    validate_strict(doc)
+    spec = doc["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    cluster = spec["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:  # every pod sees the shared volume where outputs and checkpoints go
+        claims = {v["name"] for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == "tsrec-shared"}
+        assert any(m["mountPath"] == "/mnt/shared" and m["name"] in claims for m in pod["containers"][0]["volumeMounts"])
+    entry = shlex.split(spec["entrypoint"])
+    overrides = [t for t in entry if "=" in t and not t.startswith("-")]
+    cfg = load_config(REPO / entry[entry.index("--config") + 1], overrides)
+    assert cfg.run.out_dir.startswith("/mnt/shared/")
+    gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+               for g in cluster["workerGroupSpecs"])
+
+    plan = shlex.split(doc["metadata"]["annotations"]["tsrec.dev/plan"])
+    assert plan[:2] == ["tsrec", "plan"]
+    capsys.readouterr()
+    main([*plan[1:], "--json"])
+    cands = json.loads(capsys.readouterr().out)
+    flag = lambda f: plan[plan.index(f) + 1]  # noqa: E731
+    stage = "rl" if entry[1] == "jobs/rl.py" else "sft"
+    train = getattr(cfg, stage)
+    if entry[1] == "jobs/tune.py":  # concurrent one-GPU trials share the cluster
+        res = cfg.tune.resources
+        assert gpus >= cfg.tune.max_concurrent_trials * res.workers * res.gpus_per_worker
+        assert int(flag("--gpus-per-node")) * int(flag("--nodes")) == res.workers * res.gpus_per_worker
+    else:
+        res = getattr(cfg.resources, stage)
+        assert gpus == int(flag("--gpus-per-node")) * int(flag("--nodes")) == res.workers * res.gpus_per_worker
+        assert getattr(train, "storage_path").startswith(("/mnt/shared/", "s3://"))
+    chosen = [c for c in cands if (c["zero_stage"], c["offload_optimizer"], c["offload_params"], c["lora"],
+                                   c["gradient_checkpointing"]) == (train.zero_stage, train.offload_optimizer,
+                                                                    train.offload_params, train.lora.enabled,
+                                                                    train.gradient_checkpointing)]
+    assert chosen and chosen[0]["fits"], (name, chosen)
