@@ -69,6 +69,14 @@ def quiet_train_worker() -> None:
 
     if os.environ.get("TSREC_QUIET") == "1":
         _logging.getLogger("ray.train").setLevel(_logging.WARNING)
+        # Ray 2.60 logs each worker's "Reporting training result ..." through a logger named by the
+        # module's file path (logging.getLogger(__file__)), outside the ray.train hierarchy.
+        try:
+            from ray.train.v2._internal.execution import context as _train_context
+
+            _logging.getLogger(_train_context.__file__).setLevel(_logging.WARNING)
+        except ImportError:  # pragma: no cover - another Ray version
+            pass
 
 
 def train_logging_config():
