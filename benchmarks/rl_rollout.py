@@ -91,7 +91,8 @@ def main() -> int:
         train_rl(cfg, run["model"], run["data"], run["sids"], run["semantics"], LocalContext(result_dir))
         from tsrec.sft.checkpoint import read_metrics_csv
 
-        rows = read_metrics_csv(result_dir / "logs" / "metrics.csv")
+        # step -1 is the SFT start's valid evaluation (no rollout, no update): not a step
+        rows = [r for r in read_metrics_csv(result_dir / "logs" / "metrics.csv") if r["step"] >= 0]
         roll = sum(r["time/rollout_s"] for r in rows)
         step = sum(r["time/step_s"] for r in rows)
     n = len(samples)

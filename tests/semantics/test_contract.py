@@ -45,6 +45,7 @@ def test_valid_answer_meets_contract():
     (DESC, KWS + [f"extra {i}" for i in range(10)], "28 keywords"),
     (DESC, KWS + ["Fastener type A"], "1 duplicate or empty keyword(s)"),
     (DESC, KWS + ["of", "the"], "stopword keyphrase(s) ['of', 'the']"),
+    (DESC, KWS + ["BE"], "stopword keyphrase(s) ['BE']"),  # case-insensitive (the demo's teacher wrote 'BE')
     (DESC, KWS + ["very long keyphrase with far too many words"], "1 keyphrase(s) longer than 6 words"),
     (DESC + " See https://example.com for more.", KWS, "URL in the answer"),
     (DESC, KWS + ["www.staples"], "URL in the answer"),
@@ -55,6 +56,17 @@ def test_each_contract_rule_fails_the_record(desc, kws, reason):
     with pytest.raises(AnswerError, match="contract: .*" + __import__("re").escape(reason)):
         parse_answer(answer(desc, kws), CONTRACT)
     parse_answer(answer(desc, kws))  # without a contract (file imports) it is only a warning
+
+
+def test_keyphrase_problem_is_the_contract_per_keyphrase():
+    """The guided decoder refuses to close a keyphrase with these reasons: the same rules as the contract."""
+    from tsrec.semantics.answers import keyphrase_problem
+
+    assert keyphrase_problem("BE") == keyphrase_problem("of the") == "stopword keyphrase"
+    assert keyphrase_problem("LED") == keyphrase_problem("The Staples") == ""  # case-insensitive both ways
+    assert keyphrase_problem("www.staples") == "URL in a keyphrase"
+    assert keyphrase_problem("a b c d e f g", 6) == "keyphrase longer than 6 words"
+    assert keyphrase_problem("a b c d e f g") == "" and keyphrase_problem("3D printing filament", 6) == ""
 
 
 def test_contract_limits_are_config_keys():

@@ -128,3 +128,27 @@ def test_hf_teacher_retries_a_failed_first_attempt():
     assert errors[0]["attempt"] == 1 and errors[0]["error"] and errors[0]["raw"]
     if out["status"][0] == "failed":
         assert out["raw"][0].startswith(PREFILL) and out["error"][0] == errors[-1]["error"]
+
+
+@pytest.mark.ray
+def test_hf_engine_two_blocks_go_to_two_actors(ray_cluster, tmp_path):
+    """Exactly 2 blocks for 2 actors, each block a real guided decode (seconds): both actors must get one.
+
+    With Ray Data's default (2 tasks in flight per actor) the actor that finishes loading the model first
+    is handed both blocks before the other is ready, and the other idles; only
+    ``max_tasks_in_flight_per_actor=1`` in ``_run_hf`` keeps the second block for the second actor (the
+    first is still decoding when the second actor is ready). The kill-and-resume test above cannot see
+    this: its rerun has 3 blocks, so the late actor gets the third either way.
+    """
+    from tsrec.orchestration.semantics import extract_semantics
+
+    sids, data = make_catalogue(tmp_path)
+    out = tmp_path / "semantics"
+    smollm2_hf_dir()
+    overrides = [*OVERRIDES, "teacher.limit=2", "teacher.max_attempts=1",
+                 f"resources.ray_address={ray_cluster['address']}"]
+    stats = extract_semantics(load_config(overrides=overrides), sids, data, out)
+    assert stats["tokens_requested"] == 2 and stats["extracted_this_run"] == 2
+    parts = _parts(out)
+    assert len(list((out / "parts").glob("part-*.parquet"))) == 2  # one part per block
+    assert parts["worker"].nunique() == 2, parts[["token", "worker"]]

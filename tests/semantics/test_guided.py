@@ -119,3 +119,82 @@ def test_smollm2_guided_records_are_valid():
         assert len(kws) >= 3 and out["description"][j].strip() and out["attempts"][j] == 2
         assert warns[0] == GUIDED_WARNING and out["raw"][j].startswith(PREFILL)
         assert parse_answer(out["raw"][j])[1] == kws  # the raw text is the validated record
+
+
+# --- the keyword phase applies the contract at decode time (issue 9: 3 over-long, 4 too-short lists, 1 'BE') ---
+
+
+@pytest.fixture(scope="module")
+def smol_decoder():
+    """The real SmolLM2 tokenizer with a tiny random model of its vocabulary: the step logic is driven by the
+    logits each case sets, so the tokens and their pieces are real and the test takes a second."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tsrec.pretrained import smollm2_hf_dir
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_hf_dir()), padding_side="left")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=1, num_key_value_heads=1)
+    model = LlamaForCausalLM(cfg).eval()
+    return GuidedDecoder(model, tok, keyword_tokens=8, max_keywords=12, min_keywords=4, max_keyword_words=6), tok
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _row(dec, prefs):
+    """Logits where ``prefs`` ({token id: score}) beat every other token."""
+    import torch
+
+    row = torch.zeros(len(dec.pieces))
+    row[dec.banned_kw] = -float("inf")
+    for t, s in prefs.items():  # after the ban: SmolLM2's end-of-turn piece '<|im_end|>' holds banned characters
+        row[t] = s
+    return row
+
+
+def test_keyphrase_closes_at_max_keyword_words(smol_decoder):
+    dec, tok = smol_decoder
+    six = _ids(tok, "heavy duty steel wire staple gun")
+    tool, quote = _ids(tok, " tool")[0], _ids(tok, '"')[0]
+    # below the cap the model's next word is taken
+    assert dec._keyword_step(_row(dec, {tool: 9, quote: 5}), six[:5], 5, set()).token == tool
+    # at 6 words no token may start a 7th word: the keyphrase closes as written
+    step = dec._keyword_step(_row(dec, {tool: 9, quote: 5}), six, 5, set())
+    assert step.token is None and step.keep and step.keyphrase == "heavy duty steel wire staple gun"
+    # a bare space (the next token would open a word) is refused too; continuing the last word is not
+    space = dec.pieces.index(" ")
+    assert dec._keyword_step(_row(dec, {space: 9, quote: 5}), six, 5, set()).keep
+    assert dec._keyword_step(_row(dec, {_ids(tok, "s")[0]: 9, quote: 5}), six, 5, set()).token == _ids(tok, "s")[0]
+
+
+def test_stopword_and_repeat_keyphrases_cannot_close(smol_decoder):
+    dec, tok = smol_decoder
+    quote, safe = _ids(tok, '"')[0], _ids(tok, " safe")[0]
+    # 'BE' (a stopword, any case) may not close: the model's best other token continues the keyphrase
+    assert dec._keyword_step(_row(dec, {quote: 9, safe: 5}), _ids(tok, "BE"), 5, set()).token == safe
+    # a repeat of a kept keyphrase, compared case-insensitively, may not close either
+    assert dec._keyword_step(_row(dec, {quote: 9, safe: 5}), _ids(tok, "Staples"), 5, {"staples"}).token == safe
+    step = dec._keyword_step(_row(dec, {quote: 9, safe: 5}), _ids(tok, "Staples"), 5, {"glue"})
+    assert step.keep and step.keyphrase == "Staples"
+    # at the token cap with no valid close left the keyphrase is dropped, not kept
+    step = dec._keyword_step(_row(dec, {quote: 9}), _ids(tok, "the of and the of and to be"), 5, set())
+    assert step.token is None and not step.keep and not step.end_list
+
+
+def test_list_cannot_end_before_min_keywords(smol_decoder):
+    dec, tok = smol_decoder
+    # '"]' holds a bracket (banned in strings), so end of turn is the model's way to end the list
+    close, eos, glue = _ids(tok, '",')[0], tok.eos_token_id, _ids(tok, " glue")[0]
+    # 2 kept + this one = 3 < min_keywords 4: end of turn is banned, the keyphrase closes and the list goes on
+    step = dec._keyword_step(_row(dec, {eos: 10, close: 9}), _ids(tok, "tape"), 2, set())
+    assert step.keep and step.keyphrase == "tape" and not step.end_list
+    # with 3 kept this keyphrase makes 4: the list may end
+    step = dec._keyword_step(_row(dec, {eos: 10, close: 9}), _ids(tok, "tape"), 3, set())
+    assert step.keep and step.end_list
+    # a list of 4 may end on an invalid keyphrase, which is left out
+    step = dec._keyword_step(_row(dec, {eos: 9, glue: 5}), _ids(tok, "of"), 4, set())
+    assert step.end_list and not step.keep
+    # ... but a list of 3 goes on
+    assert dec._keyword_step(_row(dec, {eos: 9, glue: 5}), _ids(tok, "of"), 3, set()).token == glue

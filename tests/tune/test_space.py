@@ -7,7 +7,7 @@ import pytest
 from tsrec.config import TuneConfig, load_config
 from tsrec.tune.results import best_grid, read_results_csv, trial_rows, write_best_config, write_tables
 from tsrec.tune.space import (SweepSpaceError, TuneResourceError, check_resources, count_trials, init_variants,
-                              parse_space)
+                              parse_space, sft_best_metric, trial_config)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,6 +82,44 @@ def test_results_table_and_best_config(tmp_path):
     depths, weights, cells = best_grid(rows, "valid_ndcg@10", "max", base)
     assert (depths, weights, cells) == ([0, 3], [0.0, 1.0], [[0.3, None], [0.05, 0.4]])
     cfg = write_best_config(base, {"sa_init.depth": 3, "sft.tasks.ts_align.loss_weight": 1.0}, tmp_path / "best.yaml")
-    assert cfg.sa_init.depth == 3 and cfg.sft.tasks.ts_align.loss_weight == 1.0 and cfg.sft.valid_ranking_sample == 0
+    assert cfg.sa_init.depth == 3 and cfg.sft.tasks.ts_align.loss_weight == 1.0
+    # as the trial ran: the probe on and best/ kept by the sweep's metric, so `tsrec run` picks the same way
+    assert cfg.sft.valid_ranking_sample == 32 and cfg.sft.best_metric == "ndcg@10"
+    # and on the trial's Ray Train group (demo: 1 worker of 0.9 CPU), not resources.sft's default 2 workers
+    assert (cfg.resources.sft.workers, cfg.resources.sft.cpus_per_worker) == (1, 0.9)
     assert "\ntune:" not in (tmp_path / "best.yaml").read_text()
     assert load_config(tmp_path / "best.yaml").run.out_dir == base["run"]["out_dir"]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["tune.metric=valid_ndcg@10", "tune.mode=max"], "ndcg@10"),
+    (["tune.metric=valid_hr@5", "tune.mode=max"], "hr@5"),
+    (["tune.metric=valid_loss", "tune.mode=min"], "loss"),
+    (["tune.metric=valid_ndcg@10", "tune.mode=min"], "higher-is-better: set tune.mode=max"),
+    (["tune.metric=valid_loss", "tune.mode=max"], "lower-is-better: set tune.mode=min"),
+    (["tune.metric=valid_ndcg@10", "sft.valid_ranking_beams=5"], "expected valid_loss or one of"),
+    (["tune.metric=train_loss", "tune.mode=min"], "expected valid_loss or one of"),
+    (["tune.valid_sample_size=0"], "needs the valid ranking probe"),
+])
+def test_sweep_metric_decides_the_trials_best_model(overrides, expected):
+    """tune.metric -> sft.best_metric (what each trial keeps as best/): the same number ranks trials and picks
+    the exported model; an incoherent metric/mode is a named error before anything runs."""
+    cfg = load_config(REPO / "configs" / "sweeps" / "demo.yaml", overrides)
+    if "@" in expected or expected == "loss":
+        assert sft_best_metric(cfg) == expected
+        trial = trial_config(cfg.to_dict(), {"sa_init.depth": 0})
+        assert trial.sft.best_metric == expected and trial.sft.valid_ranking_sample == cfg.tune.valid_sample_size
+    else:
+        with pytest.raises(SweepSpaceError, match=expected):
+            sft_best_metric(cfg)
+
+
+def test_stopped_at_its_last_step_is_not_stopped_early():
+    """ASHA may end a trial on its last report (a rung at the last step): it ran every step, so the table must
+    not count it as stopped early; a trial ended before its planned steps is."""
+    trials = [{"trial_id": t, "params": {"sft.lr": lr}, "history": [{"steps": s, "valid_loss": v} for s, v in hist],
+               "finished": False, "error": None, "wall_s": 1.0, "max_steps": 4}
+              for t, lr, hist in (("full", 1e-3, [(2, 1.0), (4, 0.5)]), ("cut", 1e-8, [(2, 2.0)]))]
+    rows = {r["trial_id"]: r for r in trial_rows(trials, "valid_loss", "min")}
+    assert (rows["full"]["status"], rows["full"]["stopped_early"]) == ("stopped", False)
+    assert (rows["cut"]["status"], rows["cut"]["stopped_early"]) == ("stopped", True)

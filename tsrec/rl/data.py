@@ -53,6 +53,7 @@ import numpy as np
 from tsrec import prompts
 from tsrec.artifacts import InputError
 from tsrec.data.schema import read_items, read_split
+from tsrec.sft.tasks import item_sid, split_rows  # the split readers SFT uses (one copy)
 from tsrec.sid.index import SidIndex, read_index, split_sid
 
 RL_TASKS = ("sid_history", "title", "description", "title_history")
@@ -123,7 +124,7 @@ def build_rl_data(cfg, data_dir: str | Path, sids_dir: str | Path) -> RlData:
     descriptions = dict(zip(item_ids, (processed_description(d or "", mode) for d in items.column(desc_col).to_pylist())))
     index = read_index(sids_dir)
     train_path = Path(data_dir) / "train.parquet"
-    train_rows = _rows(read_split(data_dir, "train"))
+    train_rows = split_rows(read_split(data_dir, "train"))
 
     by_task: dict[str, list[RlSample]] = {}
     dropped: dict[str, int] = {}
@@ -140,7 +141,7 @@ def build_rl_data(cfg, data_dir: str | Path, sids_dir: str | Path) -> RlData:
     random.Random(seed).shuffle(train)
 
     valid_path = Path(data_dir) / "valid.parquet"
-    valid_rows = _rows(read_split(data_dir, "valid"))
+    valid_rows = split_rows(read_split(data_dir, "valid"))
     valid = sid_history_samples(valid_rows, index, mode, valid_path)
     if 0 < rl.valid_sample_size < len(valid):
         # A fixed, seeded sample, in valid order, so every evaluation of a run scores the same prompts.
@@ -176,7 +177,7 @@ def sid_history_samples(rows: Sequence[tuple[list[int], int]], index: SidIndex, 
     """SID history -> SID: one sample per row, each with that row's own target (R8)."""
     out = []
     for i, (hist, target) in enumerate(rows):
-        p = prompts.next_sid([_sid(index, h, source, i) for h in hist], _sid(index, target, source, i), mode=mode, stage="rl")
+        p = prompts.next_sid([item_sid(index, h, source, i) for h in hist], item_sid(index, target, source, i), mode=mode, stage="rl")
         out.append(RlSample("sid_history", p, int(target)))
     return out
 
@@ -226,7 +227,7 @@ def title_history_samples(rows: Sequence[tuple[list[int], int]], titles: dict[in
             hist_titles = [titles[h] for h in hist]
         except KeyError as e:
             raise InputError(source, f"history item {e.args[0]} is not in items.parquet", row=i, field="history_item_ids") from None
-        p = prompts.title_history_to_sid(hist_titles, _sid(index, target, source, i), mode=mode, stage="rl")
+        p = prompts.title_history_to_sid(hist_titles, item_sid(index, target, source, i), mode=mode, stage="rl")
         out.append(RlSample("title_history", p, int(target)))
     return out
 
@@ -248,14 +249,3 @@ def tokenize_rl(tokenizer, samples: Sequence[RlSample]) -> list[TokenizedRlSampl
             raise ValueError(f"target SID {s.target_sid} has tokens unknown to the tokenizer; add the SID tokens first")
         out.append(TokenizedRlSample(prompts.encode_prompt(tokenizer, s.prompt), [int(i) for i in ids], s.task))
     return out
-
-
-def _rows(table) -> list[tuple[list[int], int]]:
-    return list(zip(table.column("history_item_ids").to_pylist(), table.column("item_id").to_pylist()))
-
-
-def _sid(index: SidIndex, item_id: int, source: Path, row: int) -> str:
-    try:
-        return index.sid(item_id)
-    except KeyError:
-        raise InputError(source, f"item {item_id} has no SID in the index", row=row, field="item_id") from None

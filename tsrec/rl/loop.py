@@ -30,6 +30,8 @@ Per step (one rollout, ``rl.updates_per_rollout`` optimiser steps):
    its mean rank are logged.
 5. Every ``eval_every_steps``: valid HR/NDCG@{3,5,10} with the evaluation decoder (same prompts,
    beams and suffix scoring as ``tsrec eval`` with ``eval.split=valid``) on the fixed valid sample.
+   The SFT start is evaluated the same way before step 0 and logged as metrics row ``step`` -1; the
+   summary (:func:`valid_progress`) compares the best evaluation with it.
 6. Reference sync every ``ref_sync_every_steps``: ``ref <- (1 - alpha) ref + alpha policy``.
 7. Checkpoint like SFT (model, optimizer, scheduler, data position, RNG, guard state) plus the
    reference weights once they differ from the SFT start (before the first sync the reference is
@@ -170,7 +172,7 @@ def train_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, seman
     from tsrec.decode.constraints import SidConstraints
     from tsrec.decode.evaluate import upstream_suffix_ids
     from tsrec.rl.data import build_rl_data, tokenize_rl
-    from tsrec.sft.loop import _apply_lora, _ensure_dist_env, _maybe_fail, _rank_share, deepspeed_config
+    from tsrec.sft.loop import apply_lora, deepspeed_config, ensure_dist_env, maybe_fail, rank_share
     from tsrec.sid.index import read_index
 
     rl = cfg.rl
@@ -186,7 +188,7 @@ def train_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, seman
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if on_gpu:
         torch.cuda.set_device(torch.device(ctx.device))
-    _ensure_dist_env()
+    ensure_dist_env()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     device = torch.device(ctx.device)
 
@@ -243,7 +245,7 @@ def train_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, seman
     if rl.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if rl.lora.enabled:
-        lm = _apply_lora(lm, SimpleNamespace(lora=rl.lora), tok, model_dir)
+        lm = apply_lora(lm, SimpleNamespace(lora=rl.lora), tok, model_dir)
     model = RlLM(lm).train()
     sched = lr_lambda(rl.scheduler, sizes["warmup"], opt_steps)
     engine, *_ = deepspeed.initialize(
@@ -274,6 +276,9 @@ def train_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, seman
     if state["start_valid"] is None and valid:
         start = _validate(engine, rl, cfg, valid, constraints, tok, rank, world)
         state.update(start_valid=start, best_ndcg=start["ndcg@10"], best_step=-1)
+        # The start is a metrics row like every later evaluation (step -1 = before the first RL step), so
+        # metrics.csv, the plot and the summary compare RL against its own start measured the same way.
+        rows.append({"step": -1, "epoch": 0.0, **{f"eval/{k}": v for k, v in start.items()}, **attempt})
         _export(engine, tok, rl.zero_stage, rank, ctx, "best")
         if rank == 0:
             print(f"[rl] SFT start on valid: " + " ".join(f"{k} {v:.4f}" for k, v in start.items()), flush=True)
@@ -282,7 +287,7 @@ def train_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, seman
     order_cache: dict[int, np.ndarray] = {}
     for step in range(state["step"] + 1, total_steps):
         t0 = time.perf_counter()
-        share = _rank_share(train, step, steps_per_epoch, rl.prompts_per_step, cfg.run.seed, rank, world, order_cache)
+        share = rank_share(train, step, steps_per_epoch, rl.prompts_per_step, cfg.run.seed, rank, world, order_cache)
         micros = [share[i : i + rl.prompts_per_micro] for i in range(0, len(share), rl.prompts_per_micro)]
         # 5a. rollouts, rewards, advantages (no grad, policy in eval mode: no dropout in the search)
         engine.eval()
@@ -357,7 +362,7 @@ def train_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, seman
                 ctx.report(step, row, checkpoint_dir=Path(d))
         elif logged:
             ctx.report(step, row)
-        _maybe_fail(rl, step, rank, world)
+        maybe_fail(rl, step, rank, world)
 
     # --- 9. final model and logs ---
     _export(engine, tok, rl.zero_stage, rank, ctx, "final")
@@ -365,12 +370,48 @@ def train_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, seman
         with tempfile.TemporaryDirectory(prefix="tsrec-rl-logs-") as d:
             write_rl_logs(rows, Path(d))
             ctx.save_artifact(Path(d), "logs")
-    evals = [r for r in rows if "eval/ndcg@10" in r]
-    return {"steps": state["step"] + 1, "start_valid": state["start_valid"], "best_valid_ndcg@10": state["best_ndcg"],
-            "best_step": state["best_step"],
+    summary = valid_progress(rows)
+    if rank == 0 and summary["start_valid_ndcg@10"] is not None:
+        print(f"[rl] {progress_line(summary)}", flush=True)
+    evals = [r for r in rows if "eval/ndcg@10" in r and r["step"] >= 0]
+    return {"steps": state["step"] + 1, "start_valid": state["start_valid"], "best_step": state["best_step"], **summary,
             "final_valid": {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else None,
             "prompts": len(train), "task_counts": data.counts, "dropped": data.dropped, "grad_accum": sizes["gas"],
             "steps_per_epoch": steps_per_epoch, "reward": rl.reward}
+
+
+def valid_progress(rows: list[dict]) -> dict[str, Any]:
+    """Start vs best valid NDCG@10 from the metrics rows (the start is the ``step`` -1 row).
+
+    Steps are counted as RL steps done (an evaluation after row ``step`` s has s + 1 steps behind it):
+    ``best_after_steps`` where the best valid NDCG@10 was first reached (0 = the start was never beaten),
+    ``first_gain_after_steps`` the first evaluation above the start (None = never), i.e. how fast a run learns.
+    """
+    evals = [r for r in rows if "eval/ndcg@10" in r]
+    start = next((r["eval/ndcg@10"] for r in evals if r["step"] < 0), None)
+    out: dict[str, Any] = {"start_valid_ndcg@10": start, "best_valid_ndcg@10": None, "best_after_steps": None,
+                           "valid_ndcg@10_gain": None, "first_gain_after_steps": None,
+                           "valid_ndcg@10_by_steps": {int(r["step"]) + 1: r["eval/ndcg@10"] for r in evals}}
+    if not evals:
+        return out
+    best = max(evals, key=lambda r: (r["eval/ndcg@10"], -r["step"]))  # the earliest of equal bests
+    out.update({"best_valid_ndcg@10": best["eval/ndcg@10"], "best_after_steps": int(best["step"]) + 1})
+    if start is not None:
+        out["valid_ndcg@10_gain"] = best["eval/ndcg@10"] - start
+        out["first_gain_after_steps"] = next((int(r["step"]) + 1 for r in evals if r["step"] >= 0
+                                              and r["eval/ndcg@10"] > start), None)
+    return out
+
+
+def progress_line(p: dict[str, Any]) -> str:
+    """One line: ``valid NDCG@10 start 0.2100 -> best 0.2400 after 30 steps (+0.0300; first gain after 10 steps)``."""
+    if p.get("start_valid_ndcg@10") is None:
+        return "valid NDCG@10: no start evaluation"
+    gain = p["valid_ndcg@10_gain"]
+    first = p["first_gain_after_steps"]
+    return (f"valid NDCG@10 start {p['start_valid_ndcg@10']:.4f} -> best {p['best_valid_ndcg@10']:.4f} after "
+            f"{p['best_after_steps']} steps ({gain:+.4f}; "
+            + (f"first gain after {first} steps)" if first is not None else "never above the start)"))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -589,7 +630,7 @@ def _export(engine, tok, stage, rank, ctx, name) -> None:
 
 
 def _all_sum(t: torch.Tensor) -> torch.Tensor:
-    from tsrec.sft.loop import _all_sum as all_sum
+    from tsrec.sft.loop import all_sum
 
     return all_sum(t)
 
@@ -619,12 +660,13 @@ def plot_rl(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, title in zip(axes, ("rollout/reward_mean", "train/kl", "eval/ndcg@10"),
                               ("reward (mean)", "KL to reference (k3)", "valid NDCG@10")):
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        # x = RL steps done, so the start (row step -1) sits at 0 on the valid NDCG@10 curve
+        pts = [(r["step"] + 1, r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o" if key.startswith("eval/") else None)
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel("RL steps done")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

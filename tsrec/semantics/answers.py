@@ -29,6 +29,24 @@ URL_RE = re.compile(r"https?://|\bwww\.|\b[\w-]+\.(?:com|net|org|io|co\.uk)\b", 
 _WORD_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
+def is_stopword_phrase(keyphrase: str) -> bool:
+    """True when ``keyphrase`` has no word outside :data:`STOPWORDS` (case-insensitive: "BE", "of the", "--")."""
+    return all(w in STOPWORDS for w in _WORD_RE.findall(keyphrase.lower()))
+
+
+def keyphrase_problem(keyphrase: str, max_words: int = 0) -> str:
+    """Why one keyphrase would break the contract on its own ('' = none): stopword-only, a URL, over
+    ``max_words`` words (0 = no limit). The guided decoder asks this before it lets a keyphrase close,
+    so decoding and validation apply the same rules."""
+    if is_stopword_phrase(keyphrase):
+        return "stopword keyphrase"
+    if URL_RE.search(keyphrase):
+        return "URL in a keyphrase"
+    if max_words and len(keyphrase.split()) > max_words:
+        return f"keyphrase longer than {max_words} words"
+    return ""
+
+
 @dataclass(frozen=True)
 class Contract:
     """The METHOD.md 1.4 quality contract, enforced: a violation makes the answer unusable (``AnswerError``).
@@ -61,7 +79,7 @@ class Contract:
         dupes = len(raw_keywords) - len(keywords)
         if dupes:
             out.append(f"{dupes} duplicate or empty keyword(s)")
-        stop = [k for k in keywords if all(w in STOPWORDS for w in _WORD_RE.findall(k.lower()))]
+        stop = [k for k in keywords if is_stopword_phrase(k)]
         if stop:
             out.append(f"stopword keyphrase(s) {stop[:3]}")
         long = [k for k in keywords if len(k.split()) > self.max_keyword_words]

@@ -19,12 +19,16 @@ author of every word and lets the decoder hold the structure:
    writes one keyphrase until ``"`` (at most ``teacher.guided_keyword_tokens`` tokens); then ``", "``
    is appended and the next one follows. Rows advance independently (per-row attention mask and
    positions; a row that is done feeds nothing).
-   The list ends at ``teacher.guided_max_keywords``; when the model closes it (``"]`` or end of
-   turn, honoured from the ``teacher.guided_min_keywords``-th keyphrase on), or at the third
-   unusable keyphrase: over the token cap, letterless (fewer than two letters, e.g. "4") or a
-   repeat; those are dropped from the record and the model goes on. List punctuation (``,;:``)
-   inside a keyphrase is only allowed fused with the closing quote. Fewer than ``teacher.guided_min_keywords`` is a
-   failure with that reason.
+   The contract is applied while decoding, not only afterwards: a keyphrase closes at the contract's
+   ``max_keyword_words`` (no token may open another word), at ``teacher.guided_keyword_tokens`` only a
+   closing token is allowed, and a close that would give an unusable keyphrase (fewer than two letters, a
+   case-insensitive repeat, stopword-only such as "BE", a URL: :meth:`GuidedDecoder.phrase_problem`) is
+   refused, so the model writes on. The list ends at ``teacher.guided_max_keywords``, or when the model
+   closes it (end of turn) once it holds ``teacher.guided_min_keywords``. A keyphrase that cannot close
+   validly within the token cap is dropped from the record (the model sees it and goes on):
+   :data:`MAX_DROPPED` of them end a list that is long enough, :data:`MAX_DROPPED_SHORT` end any list.
+   List punctuation (``,;:``) inside a keyphrase is only allowed fused with the closing quote. Fewer than
+   ``teacher.guided_min_keywords`` is a failure with that reason.
 3. The assembled JSON (``json.dumps`` of the generated strings) is the raw answer; the caller runs
    it through the same ``parse_answer`` validation (and contract) as every other attempt, and records
    the warning ``guided decoding`` plus the decoding warnings above. A failed row keeps the model's
@@ -40,6 +44,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from tsrec.semantics.answers import keyphrase_problem
+
 KEYWORDS_OPEN = '", "keywords": ["'
 KEYWORD_SEP = '", "'
 GUIDED_WARNING = "guided decoding"
@@ -47,8 +53,24 @@ GUIDED_WARNING = "guided decoding"
 # the reference Industrial file has "3D" in 18 of 560 descriptions, and "12V", "3D printing" are keyphrases.
 BANNED_CHARS = "\n\r\t\\[]{}<>|*#_`()"
 DESCRIPTION_OPEN = '{"description": "'
+# Dropped keyphrases that end a list once it holds min_keywords (the model is repeating itself) ...
 MAX_DROPPED = 6
+# ... and that end it regardless: a bound on decoding time for a row that never reaches min_keywords.
+MAX_DROPPED_SHORT = 16
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+@dataclass
+class KeywordStep:
+    """One decision of the keyword phase for one row: continue with ``token``, or close the keyphrase
+    (``token`` None) as ``keyphrase`` (kept when ``keep``), feeding ``tail`` (the text the model wrote before
+    its quote in that token) and ending the list when ``end_list``."""
+
+    token: int | None = None
+    keyphrase: str = ""
+    keep: bool = False
+    tail: str = ""
+    end_list: bool = False
 
 
 @dataclass
@@ -72,6 +94,13 @@ def split_at_quote(text: str) -> tuple[str, str] | None:
         return None
     before, after = text.split('"', 1)
     return before, after
+
+
+def torch_isfinite_any(row: Any) -> bool:
+    """Whether any entry of a logits row is still allowed (finite)."""
+    import torch
+
+    return bool(torch.isfinite(row).any())
 
 
 def ngram_bans(answer_ids: list[int], n: int) -> list[int]:
@@ -98,11 +127,14 @@ class GuidedDecoder:
         no_repeat_ngram_size: forbid repeating any n-gram of the description (0 = off).
         min_description_tokens: the description cannot close (quote or end of turn) before this many tokens.
         min_words: ... nor before this many words.
+        max_keyword_words: a keyphrase closes at this many words (the contract's ``max_keyword_words``; 0 = no limit):
+            from then on no token may start another word.
     """
 
     def __init__(self, model: Any, tok: Any, description_tokens: int = 120, keyword_tokens: int = 8,
                  max_keywords: int = 20, min_keywords: int = 3, repetition_penalty: float = 1.0,
-                 no_repeat_ngram_size: int = 0, min_description_tokens: int = 0, min_words: int = 0):
+                 no_repeat_ngram_size: int = 0, min_description_tokens: int = 0, min_words: int = 0,
+                 max_keyword_words: int = 0):
         import torch
 
         self.model, self.tok = model, tok
@@ -110,6 +142,7 @@ class GuidedDecoder:
         self.max_keywords, self.min_keywords = max_keywords, min_keywords
         self.repetition_penalty, self.no_repeat_ngram_size = repetition_penalty, no_repeat_ngram_size
         self.min_description_tokens, self.min_words = min_description_tokens, min_words
+        self.max_keyword_words = max_keyword_words
         self.device = next(model.parameters()).device
         vocab = model.get_output_embeddings().weight.shape[0]
         pieces = tok.batch_decode([[i] for i in range(min(vocab, len(tok)))])
@@ -132,6 +165,14 @@ class GuidedDecoder:
         self.eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=self.device)
         self.stop = torch.cat([self.quote, self.eos])
         self.stop_set = set(self.stop.tolist())
+        self.is_stop = torch.zeros(len(self.pieces), dtype=torch.bool, device=self.device)
+        self.is_stop[self.stop] = True
+        # Tokens that would start another word of a keyphrase (whitespace before text in what the token adds
+        # to the keyphrase, i.e. before its quote; or any whitespace in a non-closing token): banned once the
+        # keyphrase holds max_keyword_words words, so it ends there with a closing quote or the current word.
+        self.opens_word = torch.tensor(
+            [bool(re.search(r"\s\S", p.split('"', 1)[0])) if '"' in p else any(c.isspace() for c in p)
+             for p in self.pieces], dtype=torch.bool, device=self.device)
         # A piece that starts with a space starts a word: a cheap word count of generated ids.
         self.starts_word = torch.tensor([p[:1].isspace() for p in self.pieces], dtype=torch.bool, device=self.device)
         self.ends_sentence = torch.tensor([p.rstrip()[-1:] in (".", "!", "?") and '"' not in p for p in self.pieces],
@@ -251,6 +292,51 @@ class GuidedDecoder:
                          self.tok(rest + KEYWORDS_OPEN, add_special_tokens=False)["input_ids"])
         return {"cache": cache, "mask": mask, "feeds": feeds, "rows": rows}
 
+    def phrase_problem(self, keyphrase: str, kept_lower: set[str]) -> str:
+        """Why a keyphrase may not close as it is ('' = it may): fewer than two letters, a repeat of a kept one
+        (case-insensitive), or a contract breach of its own (stopword-only, URL, too many words)."""
+        if sum(c.isalpha() for c in keyphrase) < 2:
+            return "letterless"
+        if keyphrase.lower() in kept_lower:
+            return "repeat"
+        return keyphrase_problem(keyphrase, self.max_keyword_words)
+
+    def _keyword_step(self, row: Any, toks: list[int], n_kept: int, kept_lower: set[str]) -> KeywordStep:
+        """Choose the next move of one row in the keyword phase from its (penalised) logits ``row``.
+
+        Greedy, with the contract applied at decode time rather than after: the list may end only once it
+        holds ``min_keywords``; at ``max_keyword_words`` words no token may open another word; at the token
+        cap only a closing token is allowed; and a close that would give an invalid keyphrase (see
+        :meth:`phrase_problem`) is refused, so the model writes on ("BE" -> "BE safe tools") instead of
+        the keyphrase being dropped. Only a keyphrase that cannot close validly within the cap is dropped.
+        """
+        text = self.tok.decode(toks) if toks else ""
+        if n_kept + 1 < self.min_keywords:  # end of turn now would leave the list short even if this one is valid
+            row[self.eos] = -float("inf")
+        if len(toks) >= self.keyword_tokens:
+            row[~self.is_stop] = -float("inf")
+        elif self.max_keyword_words and len(text.split()) >= self.max_keyword_words:
+            row[self.opens_word] = -float("inf")
+        for _ in range(2):  # the model's choice; if that is a refused close, its best non-closing token
+            if not torch_isfinite_any(row):
+                break
+            t = int(row.argmax())
+            piece = self.pieces[t]
+            if t in self.eos_ids:
+                tail, end_list = "", True
+            elif '"' in piece:  # a quote closes the keyphrase only ('"]' holds a bracket: banned in strings)
+                tail, end_list = piece.split('"', 1)[0], False
+            else:
+                return KeywordStep(token=t)
+            kw = " ".join((text + tail).split())
+            if not self.phrase_problem(kw, kept_lower):
+                return KeywordStep(None, kw, True, tail, end_list)
+            if end_list and n_kept >= self.min_keywords:  # the model ends a list that is long enough
+                return KeywordStep(None, kw, False, "", True)
+            row[self.stop] = -float("inf")
+        # Nothing allowed is left (at the token cap, no valid close): the keyphrase is dropped.
+        return KeywordStep(None, " ".join(text.split()), False, "", False)
+
     def _keywords(self, state: dict[str, Any], active: list[bool]) -> list[tuple[list[str], list[str], list[str]]]:
         """Keyphrases for every active row, in lockstep on the description's KV cache.
 
@@ -280,6 +366,7 @@ class GuidedDecoder:
                     logits[b] = o.logits[b, -1].float()
 
         keywords: list[list[str]] = [[] for _ in range(n_rows)]
+        lowered: list[set[str]] = [set() for _ in range(n_rows)]  # case-insensitive, as the contract compares
         raws: list[list[str]] = [[] for _ in range(n_rows)]
         toks: list[list[int]] = [[] for _ in range(n_rows)]
         seen: list[set[int]] = [set() for _ in range(n_rows)]  # repeats among the keyphrases only
@@ -295,50 +382,41 @@ class GuidedDecoder:
                     if not active[b]:
                         chunks.append([])
                         continue
-                    # The model may close the list (end of turn, or ``"]``) only once it holds min_keywords.
-                    may_end = len(keywords[b]) + 1 >= self.min_keywords
                     row = scores[b]
-                    if not may_end:
-                        row[self.eos] = -float("inf")
                     if seen[b] and self.repetition_penalty != 1.0:
                         idx = torch.tensor(sorted(seen[b]), device=self.device)
                         s = row[idx]
                         row[idx] = torch.where(s > 0, s / self.repetition_penalty, s * self.repetition_penalty)
-                    t = int(row.argmax())
-                    piece = self.pieces[t]
-                    if t in self.eos_ids:
-                        tail, closed, end_list = "", True, True
-                    elif '"' in piece:
-                        tail, after = piece.split('"', 1)
-                        closed, end_list = True, may_end and after.lstrip().startswith("]")
-                    else:
-                        toks[b].append(t)
-                        if len(toks[b]) < self.keyword_tokens:
-                            chunks.append([t])
-                            continue
-                        tail, closed, end_list = "", False, False  # over the cap
-                    kw = " ".join((self.tok.decode(toks[b]) + tail).split())
-                    raws[b].append(kw)
-                    repeat = kw.lower() in {k.lower() for k in keywords[b]}
-                    if closed and sum(c.isalpha() for c in kw) >= 2 and not repeat:
-                        keywords[b].append(kw)
-                    else:
-                        # Over the cap, letterless ("4") or a repeat: not a keyphrase. It stays out of the record
-                        # and the model goes on; the MAX_DROPPED-th one ends the list.
+                    step = self._keyword_step(row, toks[b], len(keywords[b]), lowered[b])
+                    if step.token is not None:  # the keyphrase goes on
+                        toks[b].append(step.token)
+                        chunks.append([step.token])
+                        continue
+                    raws[b].append(step.keyphrase)
+                    if step.keep:
+                        keywords[b].append(step.keyphrase)
+                        lowered[b].add(step.keyphrase.lower())
+                    elif step.keyphrase or not step.end_list:
+                        # Over the token cap mid-word, or a close that no allowed token could make valid: not a
+                        # keyphrase. It stays out of the record and the model goes on (it sees what it wrote).
                         dropped[b] += 1
                     if self.repetition_penalty != 1.0:
                         seen[b].update(toks[b])
-                    last = [t] if not closed else []  # an over-cap token was never fed
                     toks[b] = []
-                    if end_list or dropped[b] >= MAX_DROPPED or len(keywords[b]) >= self.max_keywords:
+                    enough = len(keywords[b]) >= self.min_keywords
+                    # MAX_DROPPED ends a list that already meets min_keywords; a shorter one goes on until
+                    # MAX_DROPPED_SHORT (a bound, so a model stuck in a loop cannot decode forever).
+                    if (step.end_list or len(keywords[b]) >= self.max_keywords or dropped[b] >= MAX_DROPPED_SHORT
+                            or (enough and dropped[b] >= MAX_DROPPED)):
                         active[b] = False
                         chunks.append([])
                         continue
-                    # The model's closing quote (and what it wrote before it in that token) + the separator.
-                    chunks.append(last + self.tok(tail + KEYWORD_SEP, add_special_tokens=False)["input_ids"])
+                    # What the model wrote before its closing quote (in that token) + the separator.
+                    chunks.append(self.tok(step.tail + KEYWORD_SEP, add_special_tokens=False)["input_ids"])
                 feed(chunks)
         out = []
         for b in range(n_rows):
-            warns = [f"{dropped[b]} over-long, letterless or repeated keyphrase(s) dropped"] if dropped[b] else []
+            warns = ([f"{dropped[b]} unusable keyphrase(s) dropped (over the token cap or no valid close)"]
+                     if dropped[b] else [])
             out.append((keywords[b], warns, raws[b]))
         return out

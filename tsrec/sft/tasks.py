@@ -89,8 +89,8 @@ def build_mixture(cfg: Config, data_dir: str | Path, sids_dir: str | Path, seman
     item_ids = items.column("item_id").to_pylist()
     titles = dict(zip(item_ids, items.column("title").to_pylist()))
     index = read_index(sids_dir)
-    train_rows = _rows(read_split(data_dir, "train"))
-    valid_rows = _rows(read_split(data_dir, "valid"))
+    train_rows = split_rows(read_split(data_dir, "train"))
+    valid_rows = split_rows(read_split(data_dir, "valid"))
     records = None
     if cfg.sft.use_ts_align:
         if semantics_file is None or not Path(semantics_file).exists():
@@ -129,7 +129,7 @@ def next_sid_samples(rows: list[tuple[list[int], int]], index: SidIndex, mode: s
     """Task 1: one sample per row, history SIDs -> target SID."""
     out = []
     for i, (hist, target) in enumerate(rows):
-        out.append(prompts.next_sid([_sid(index, h, source, i) for h in hist], _sid(index, target, source, i), mode=mode))
+        out.append(prompts.next_sid([item_sid(index, h, source, i) for h in hist], item_sid(index, target, source, i), mode=mode))
     return out
 
 
@@ -156,8 +156,8 @@ def history_title_samples(rows, titles: dict[int, str], index: SidIndex, mode: s
     title_of_sid = {index.sid(i): t for i, t in titles.items() if i in index.items}
     out = []
     for i, (hist, target) in enumerate(rows):
-        sid = _sid(index, target, source, i)
-        out.append(prompts.history_to_title([_sid(index, h, source, i) for h in hist], title_of_sid[sid], mode=mode))
+        sid = item_sid(index, target, source, i)
+        out.append(prompts.history_to_title([item_sid(index, h, source, i) for h in hist], title_of_sid[sid], mode=mode))
     return out
 
 
@@ -187,11 +187,13 @@ def tokenize_samples(tokenizer, samples: Sequence[prompts.PromptSample], cutoff_
     return out
 
 
-def _rows(table) -> list[tuple[list[int], int]]:
+def split_rows(table) -> list[tuple[list[int], int]]:
+    """``(history item ids, target item id)`` per row of a split table (SFT and RL read splits alike)."""
     return list(zip(table.column("history_item_ids").to_pylist(), table.column("item_id").to_pylist()))
 
 
-def _sid(index: SidIndex, item_id: int, source: Path, row: int) -> str:
+def item_sid(index: SidIndex, item_id: int, source: Path, row: int) -> str:
+    """The SID of ``item_id``; an item missing from the index is an ``InputError`` naming the file and row."""
     try:
         return index.sid(item_id)
     except KeyError:

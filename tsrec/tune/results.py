@@ -17,15 +17,20 @@ import yaml
 
 from tsrec.artifacts import atomic_write_text
 from tsrec.config import Config, load_config
-from tsrec.tune.space import apply_params
+from tsrec.tune.space import trial_config
 
 HEATMAP_ROWS, HEATMAP_COLS = "sa_init.depth", "sft.tasks.ts_align.loss_weight"
 
 
 def trial_rows(trials: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
     """One row per trial: its values, best metric (and the step it was reached), steps run, stopped early
-    (ended by the scheduler before its last step, without an error), status, wall time. Sorted best first."""
+    (ended by the scheduler before its last step, without an error), status, wall time. Sorted best first.
+
+    A record's ``max_steps`` is its planned length (None: the longest any trial ran). A trial the scheduler
+    ended at its last report (ASHA compares at a rung equal to the last step) has status "stopped" but ran
+    every step, so it is not "stopped early"."""
     keys = sorted({k for t in trials for k in t["params"]})
+    longest = max((h.get("steps", 0) for t in trials for h in t["history"]), default=0)
     rows = []
     for t in trials:
         points = [(h["steps"], h[metric]) for h in t["history"] if metric in h and h[metric] is not None]
@@ -35,8 +40,8 @@ def trial_rows(trials: list[dict[str, Any]], metric: str, mode: str) -> list[dic
         rows.append({"trial_id": t["trial_id"], **{k: t["params"].get(k) for k in keys},
                      f"best_{metric}": None if best is None else round(float(best[1]), 6),
                      "best_step": None if best is None else best[0], "steps_run": steps,
-                     # neither finished nor failed: the scheduler (ASHA) ended it
-                     "stopped_early": status == "stopped",
+                     # neither finished nor failed, and short of its planned steps: the scheduler (ASHA) ended it
+                     "stopped_early": status == "stopped" and steps < (t.get("max_steps") or longest),
                      "status": status, "wall_s": round(float(t.get("wall_s") or 0.0), 1)})
     sign = -1 if mode == "max" else 1
     rows.sort(key=lambda r: (r[f"best_{metric}"] is None, sign * (r[f"best_{metric}"] or 0.0)))
@@ -149,10 +154,10 @@ def plot_heatmap(rows: list[dict[str, Any]], metric: str, mode: str, base: dict[
 
 
 def write_best_config(base: dict[str, Any], params: dict[str, Any], path: Path) -> Config:
-    """The best trial's complete config (base + its values, no ``tune`` section and no sweep-only
-    ranking probe), written as YAML and loaded back through the schema so ``tsrec run`` accepts it."""
-    cfg = apply_params(base, params)
-    cfg.sft.valid_ranking_sample = 0
+    """The best trial's complete config, as the trial ran it (base + its values + the valid ranking probe
+    and ``sft.best_metric``, so ``tsrec run`` keeps the model by the sweep's metric too), without the
+    ``tune`` section; written as YAML and loaded back through the schema so ``tsrec run`` accepts it."""
+    cfg = trial_config(base, params)
     raw = cfg.to_dict()
     raw.pop("tune")
     text = "# Best trial of a `tsrec tune` sweep: run it with `tsrec run --config THIS_FILE`.\n"

@@ -143,6 +143,46 @@ def apply_params(base: dict[str, Any], values: dict[str, Any]) -> Config:
     return from_dict(Config, raw, prefix="")
 
 
+def sft_best_metric(cfg: Config) -> str:
+    """The ``sft.best_metric`` that makes a trial keep (and export) the model ``tune.metric`` ranks best.
+
+    ``valid_loss`` (mode min) -> ``"loss"``; ``valid_hr@K`` / ``valid_ndcg@K`` (mode max) -> ``"hr@K"`` /
+    ``"ndcg@K"``, K one of the probe's cut-offs within ``sft.valid_ranking_beams``. Anything else would let
+    the sweep rank trials by one number while each trial keeps its model by another: SweepSpaceError.
+    """
+    from tsrec.tune.ranking import KS
+
+    t = cfg.tune
+    ranking = [f"valid_{m}@{k}" for k in KS if k <= cfg.sft.valid_ranking_beams for m in ("hr", "ndcg")]
+    if t.metric == "valid_loss":
+        if t.mode != "min":
+            raise SweepSpaceError("tune.metric=valid_loss is lower-is-better: set tune.mode=min")
+        return "loss"
+    if t.metric not in ranking:
+        raise SweepSpaceError(f"tune.metric={t.metric!r}: expected valid_loss or one of {', '.join(ranking)} "
+                              f"(cut-offs up to sft.valid_ranking_beams={cfg.sft.valid_ranking_beams})")
+    if t.mode != "max":
+        raise SweepSpaceError(f"tune.metric={t.metric} is higher-is-better: set tune.mode=max")
+    if t.valid_sample_size <= 0:
+        raise SweepSpaceError(f"tune.metric={t.metric} needs the valid ranking probe: set tune.valid_sample_size > 0")
+    return t.metric[len("valid_"):]
+
+
+def trial_config(base: dict[str, Any], values: dict[str, Any]) -> Config:
+    """A trial's complete config: the base with ``values`` set, the valid ranking probe on
+    (``tune.valid_sample_size`` rows) and ``sft.best_metric`` from ``tune.metric``, so the trial's ``best/``
+    model is the one at its best ``tune.metric`` step. ``resources.sft`` takes the trial's Ray Train group
+    (``tune.resources``): best_config.yaml is this config too, and `tsrec run` must train it on the same world
+    size (the batch split and the ZeRO shards depend on it)."""
+    cfg = apply_params(base, values)
+    r = cfg.tune.resources
+    cfg.resources.sft.workers, cfg.resources.sft.cpus_per_worker = r.workers, r.cpus_per_worker
+    cfg.resources.sft.gpus_per_worker = r.gpus_per_worker
+    cfg.sft.valid_ranking_sample = cfg.tune.valid_sample_size
+    cfg.sft.best_metric = sft_best_metric(cfg)
+    return cfg
+
+
 def count_trials(params: list[Param], tune: TuneConfig) -> int:
     """Trials the sweep will run: the grid product times num_samples (Tune's BasicVariantGenerator)."""
     grid = math.prod(len(p.values) for p in params if p.kind == "grid")
