@@ -70,7 +70,6 @@ def test_ray_train_zero2_two_workers_and_export_evaluates(zero2, tiny, tmp_path)
     assert metrics["rows"] == 16 and metrics["invalid_sids"] == 0 and 0 <= metrics["ndcg@10"] <= 1
 
 
-@pytest.mark.slow
 def test_ray_train_zero3_two_workers(zero2, tiny, tmp_path):
     """ZeRO-3 partitions the parameters: rollouts, the update and the export must gather them. Same seed and
     fp32, so every logged number and every exported weight equals the ZeRO-2 run's."""

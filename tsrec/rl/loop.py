@@ -532,6 +532,7 @@ def _sync_reference(ref, engine, rl: RlConfig) -> None:
     if rl.zero_stage == 3:
         ca.mix_into_reference_([p.ds_tensor for p in ref.module.parameters()],
                                [p.ds_tensor for p in engine.module.parameters()], rl.ref_sync_alpha)
+        _regather_from_partitions(ref.module.parameters())
         return
     pol_lm = engine.module.lm
     if hasattr(pol_lm, "get_base_model"):  # LoRA: the merged weights, matched by name
@@ -541,6 +542,18 @@ def _sync_reference(ref, engine, rl: RlConfig) -> None:
         ca.mix_into_reference_([ref_sd[k] for k in names], [pol_sd[k] for k in names], rl.ref_sync_alpha)
         return
     ca.mix_into_reference_(list(ref.parameters()), list(pol_lm.parameters()), rl.ref_sync_alpha)
+
+
+def _regather_from_partitions(params) -> None:
+    """After writing ZeRO-3 partitions (``ds_tensor``) directly: release every parameter that is currently
+    gathered, so that its next use gathers the new partitions. DeepSpeed keeps small parameters
+    (``stage3_param_persistence_threshold``: norms, biases, a whole tiny model) gathered for good, and a
+    forward reads those from ``param.data``, never from the partition that was just written."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    gathered = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
+    if gathered:
+        gathered[0].partition(param_list=gathered, has_been_updated=False)
 
 
 def _save_reference(ref, d: Path, rank: int, zero_stage: int) -> None:
@@ -557,6 +570,7 @@ def _load_reference(ref, d: Path, rank: int, zero_stage: int) -> None:
         parts = torch.load(d / REF_DIR / f"rank_{rank}.pt")
         for p, saved in zip(ref.module.parameters(), parts):
             p.ds_tensor.copy_(saved)
+        _regather_from_partitions(ref.module.parameters())
         return
     ref.load_state_dict(torch.load(d / REF_DIR / "weights.pt"))
 
