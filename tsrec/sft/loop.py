@@ -405,7 +405,6 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-_all_sum = all_sum  # old name, still imported by tsrec.tune.ranking
 
 def _to(batch, device):
     import dataclasses

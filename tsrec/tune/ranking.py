@@ -50,7 +50,7 @@ class ValidRanking:
 
         from tsrec.decode.beam import constrained_beam_search, left_pad
         from tsrec.rl.loop import gathered_policy
-        from tsrec.sft.loop import _all_sum
+        from tsrec.sft.loop import all_sum
 
         acc = torch.zeros(2 * len(self.ks) + 1, dtype=torch.float64)
         was_training = engine.training
@@ -72,7 +72,7 @@ class ValidRanking:
                 acc[-1] += len(chunk)
         if was_training:
             engine.train()
-        acc = _all_sum(acc)  # every rank calls this once per evaluation, with or without rows
+        acc = all_sum(acc)  # every rank calls this once per evaluation, with or without rows
         n = max(acc[-1].item(), 1.0)
         out: dict[str, Any] = {}
         for j, k in enumerate(self.ks):
