@@ -440,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
                        sem if sem.exists() else None, LocalContext(out))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, indent=2, default=str))
+    # Tear the process group down before the interpreter exits: left to exit, gloo's threads are destroyed
+    # while still joinable and a rank can abort ("terminate called without an active exception", SIGABRT).
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 
