@@ -144,3 +144,28 @@ def test_valid_progress_compares_the_start_with_the_best():
     never = valid_progress(rows[:3])
     assert never["best_after_steps"] == 0 and never["first_gain_after_steps"] is None
     assert "never above the start" in progress_line(never)
+
+
+def test_sampled_rollouts_train_and_resume_to_the_same_steps(ranking_semantic, tiny, tmp_path):
+    """rl.rollout=sample: draws seeded per (seed, step, rank, micro-batch), so a run restarted on the step-1
+    checkpoint draws the same completions and computes the same losses as the uninterrupted run."""
+    import shutil
+
+    full = tmp_path / "full"
+    _train(tiny, full, "rl.reward=ranking+semantic", "rl.rollout=sample", "rl.temperature=1.5")
+    base = read_metrics_csv(full / "logs" / "metrics.csv")
+    beam = read_metrics_csv(ranking_semantic[0] / "logs" / "metrics.csv")
+    assert all(r["rollout/invalid_sids"] == 0 and r["rollout/completion_len"] == 4 for r in base if r["step"] >= 0)
+    # Not the beam rollouts: the same start, prompts and reward as the beam run, but at step 0 the G = 4 draws
+    # (T = 1.5) are other completions than the 4 best SIDs, so the rewards and the loss differ.
+    assert base[0]["eval/ndcg@10"] == beam[0]["eval/ndcg@10"] and base[1]["step"] == beam[1]["step"] == 0
+    assert base[1]["rollout/reward_mean"] != beam[1]["rollout/reward_mean"] and base[1]["train/loss"] != beam[1]["train/loss"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "step_1", resumed / "checkpoints" / "step_1")
+    _train(tiny, resumed, "rl.reward=ranking+semantic", "rl.rollout=sample", "rl.temperature=1.5")
+    rows = read_metrics_csv(resumed / "logs" / "metrics.csv")
+    assert {r["attempt/start_step"] for r in rows if r["step"] >= 2} == {2}
+    for a, b in zip(base, rows):
+        for k in ("train/loss", "train/kl", "rollout/reward_mean", "rollout/hit_share", "eval/ndcg@10"):
+            if k in a:
+                assert abs(a[k] - b[k]) < 1e-4, (a["step"], k, a[k], b[k])

@@ -1,7 +1,8 @@
-"""The constrained beam search as the RL rollout generator (METHOD.md 1.7 "Rollouts", R1, R8).
+"""RL rollout generators: the constrained beam search (METHOD.md 1.7 "Rollouts", R1, R8) and
+constrained sampling.
 
 Stage: RL rollouts. Input: a causal LM, left-padded prompts, :class:`SidConstraints`, group size G.
-Output: :class:`Rollout`, G distinct valid SIDs per prompt in score order, flattened to B*G rows.
+Output: :class:`Rollout`, G valid SIDs per prompt in score order, flattened to B*G rows.
 
 Upstream runs one beam search per distinct prompt with ``num_beams = num_return_sequences = G`` and
 uses the G returned SIDs (in score order) as the group; beam rank i is the position in that list and
@@ -9,6 +10,16 @@ drives the ranking reward. The completion is ``SID + "\\n" + EOS``: pass those i
 They are appended after decoding and are not scored (their log-probs are NaN in
 ``token_logprobs``); the trainer recomputes policy and reference log-probs of every completion token
 anyway.
+
+``rl.rollout=sample`` draws the G completions instead (:func:`sample_rollouts`): at each SID level a
+code is sampled from the policy's distribution restricted to the catalogue's allowed codes (softmax of
+the full-vocabulary log-probs over the allowed set, at ``temperature``), so every completion is a
+catalogue SID, duplicates are possible, and the group is an on-policy sample: the policy gradient is
+then the gradient of the expected reward. Beam rollouts are the G most likely SIDs instead; each gets
+the same weight in the gradient whatever its probability. The drawn rows are sorted by score within
+their group, so beam rank i keeps its meaning (the i-th most likely completion of the group) for the
+ranking reward. Draws come from an explicit ``torch.Generator``: the trainer seeds it per step, rank and
+micro-batch, so a resumed run draws the same completions.
 """
 
 from __future__ import annotations
@@ -18,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tsrec.decode.beam import constrained_beam_search
+from tsrec.decode.beam import (EmptyAllowedSetError, _cache_kw, _forward, _level_logprobs, check_left_padded,
+                               constrained_beam_search)
 from tsrec.decode.constraints import SidConstraints
 
 
@@ -69,11 +81,17 @@ def generate_rollouts(
         set is always an error here: a rollout must never leave the catalogue).
     """
     out = constrained_beam_search(model, input_ids, attention_mask, constraints, group_size, on_empty="raise")
-    B, G, L = out.sid_token_ids.shape
+    return _rollout_from(input_ids, attention_mask, out.sid_token_ids, out.token_logprobs, out.sid_index, out.ranks,
+                         suffix_ids)
+
+
+def _rollout_from(input_ids, attention_mask, sid_token_ids, token_logprobs, sid_index, ranks, suffix_ids) -> Rollout:
+    """Assemble a :class:`Rollout` from ``(B, G, L)`` SIDs and their per-token log-probs."""
+    B, G, L = sid_token_ids.shape
     device = input_ids.device
     suffix = torch.tensor(list(suffix_ids), dtype=torch.long, device=device).expand(B * G, len(suffix_ids))
-    completion = torch.cat([out.sid_token_ids.reshape(B * G, L), suffix], dim=1)
-    lp = torch.cat([out.token_logprobs.reshape(B * G, L), torch.full(suffix.shape, float("nan"), device=device)], dim=1)
+    completion = torch.cat([sid_token_ids.reshape(B * G, L), suffix], dim=1)
+    lp = torch.cat([token_logprobs.reshape(B * G, L), torch.full(suffix.shape, float("nan"), device=device)], dim=1)
     prompts = input_ids.repeat_interleave(G, dim=0)
     prompt_mask = attention_mask.to(torch.long).repeat_interleave(G, dim=0)
     return Rollout(
@@ -81,8 +99,81 @@ def generate_rollouts(
         attention_mask=torch.cat([prompt_mask, torch.ones_like(completion)], dim=1),
         completion_ids=completion,
         token_logprobs=lp,
-        beam_ranks=out.ranks.reshape(-1),
+        beam_ranks=ranks.reshape(-1),
         prompt_index=torch.arange(B, device=device).repeat_interleave(G),
-        sid_index=out.sid_index.reshape(-1),
-        scores=out.scores.reshape(-1),
+        sid_index=sid_index.reshape(-1),
+        scores=token_logprobs.sum(-1).reshape(-1),
     )
+
+
+# no_grad, not inference_mode: the trainer feeds the returned sequences to autograd forwards.
+@torch.no_grad()
+def sample_rollouts(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    constraints: SidConstraints,
+    group_size: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    suffix_ids: Sequence[int] = (),
+) -> Rollout:
+    """G sampled catalogue SIDs per prompt (constrained sampling; see the module docstring).
+
+    One prefill per prompt, the KV cache expanded to B*G rows, then L single-token steps: per row, the
+    allowed codes of its prefix node, their full-vocabulary log-probs, one draw from
+    ``softmax(logprob / temperature)`` over the allowed codes. ``token_logprobs`` and ``scores`` are the
+    full-vocabulary log-probs at temperature 1 (what the trainer recomputes); rows are sorted by score
+    within their group (stable), ``beam_ranks`` = position in that order.
+
+    Raises:
+        ValueError: ``group_size`` < 1 or ``temperature`` <= 0.
+        PaddingSideError: the batch is not left-padded.
+        EmptyAllowedSetError: a prefix with no allowed continuation (corrupt constraint tables).
+    """
+    G, L = int(group_size), constraints.num_levels
+    if G < 1:
+        raise ValueError(f"group size {G} must be >= 1")
+    if not temperature > 0:
+        raise ValueError(f"sampling temperature must be > 0, got {temperature}")
+    device = input_ids.device
+    cons = constraints.to(device)
+    B, _ = input_ids.shape
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    check_left_padded(attention_mask)
+    cache_kw = _cache_kw(model)
+    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    logits, cache = _forward(model, cache_kw, input_ids, attention_mask, positions, None)
+    rows = torch.arange(B, device=device).repeat_interleave(G)
+    cache.reorder_cache(rows)  # B -> B*G: every draw of a prompt continues from its one prefill
+    logits = logits.index_select(0, rows)
+    mask = attention_mask.index_select(0, rows)
+    nodes = torch.zeros(B * G, dtype=torch.long, device=device)
+    tokens, token_lp = [], []
+    for level in range(L):
+        child = cons.lookup(level, nodes)  # (B*G, C)
+        allowed = child >= 0
+        if not bool(allowed.any(-1).all()):
+            row = int((~allowed.any(-1)).nonzero()[0])
+            raise EmptyAllowedSetError(f"prompt {row // G}, draw {row % G}: empty allowed set at SID level {level} "
+                                       "(corrupt constraint tables)")
+        code_ids = cons.level_token_ids[level]
+        lp = _level_logprobs(logits, code_ids)  # (B*G, C) full-vocabulary log-probs
+        probs = torch.softmax((lp / temperature).masked_fill(~allowed, float("-inf")), dim=-1)
+        code = torch.multinomial(probs, 1, generator=generator)  # (B*G, 1)
+        nodes = child.gather(1, code).squeeze(1)
+        tok = code_ids[code.squeeze(1)]
+        tokens.append(tok)
+        token_lp.append(lp.gather(1, code).squeeze(1))
+        if level == L - 1:
+            break  # nothing after the last level is scored
+        mask = torch.cat([mask, mask.new_ones((B * G, 1))], dim=1)
+        logits, cache = _forward(model, cache_kw, tok.unsqueeze(1), mask, mask.sum(-1, keepdim=True) - 1, cache)
+    sid_tokens = torch.stack(tokens, dim=-1).view(B, G, L)
+    tok_lp = torch.stack(token_lp, dim=-1).view(B, G, L)
+    order = torch.sort(tok_lp.sum(-1), dim=-1, descending=True, stable=True).indices  # (B, G)
+    sid_tokens = sid_tokens.gather(1, order.unsqueeze(-1).expand_as(sid_tokens))
+    tok_lp = tok_lp.gather(1, order.unsqueeze(-1).expand_as(tok_lp))
+    sid_index = nodes.view(B, G).gather(1, order)
+    ranks = torch.arange(G, device=device).expand(B, G).clone()
+    return _rollout_from(input_ids, attention_mask, sid_tokens, tok_lp, sid_index, ranks, suffix_ids)

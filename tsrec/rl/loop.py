@@ -16,7 +16,8 @@ Per step (one rollout, ``rl.updates_per_rollout`` optimiser steps):
 1. This rank's ``prompts_per_step / world`` prompts (a seeded permutation per epoch; the data position
    is the step number). A group is one prompt's G completions, generated and scored on one rank, so a
    group never straddles workers.
-2. Rollouts: the constrained beam search (``tsrec.decode.rollout``) on the rank's own policy module,
+2. Rollouts: the constrained beam search (``tsrec.decode.rollout``; or constrained sampling with
+   ``rl.rollout=sample``, seeded per step, rank and micro-batch) on the rank's own policy module,
    ``prompts_per_micro`` prompts at a time, G = ``rl.group_size`` distinct catalogue SIDs per prompt.
    Under ZeRO-3 the parameters are gathered for the rollout (the engine's hooks are lifted meanwhile,
    so the L+1 forwards of the search are plain forwards, not an all-gather per layer per step).
@@ -178,8 +179,8 @@ def train_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, seman
     rl = cfg.rl
     rank, world = ctx.rank, ctx.world_size
     on_gpu = torch.cuda.is_available()
-    if rl.rollout != "beam":
-        raise ConfigError("rl.rollout=sample is not built yet; use rl.rollout=beam (the upstream rollout)")
+    if rl.rollout == "sample" and not rl.temperature > 0:
+        raise ConfigError(f"rl.temperature must be > 0 for rl.rollout=sample, got {rl.temperature}")
     # --- 0. process group ---
     import deepspeed
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -293,9 +294,9 @@ def train_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, seman
         engine.eval()
         batches, sums = [], torch.zeros(12, dtype=torch.float64)
         with gathered_policy(engine, rl.zero_stage) as policy:
-            for mb in micros:
+            for m, mb in enumerate(micros):
                 ids, mask = _left_pad([s.prompt_ids for s in mb], pad_id, device)
-                ro = _rollout(policy, ids, mask, constraints, G, suffix)
+                ro = _rollout(rl, policy, ids, mask, constraints, G, suffix, (cfg.run.seed, step, rank, m))
                 batches.append(_score(rl, ro, mb, constraints, sim, code_of, tok.eos_token_id, L, G, C, sums, device))
         t_roll = time.perf_counter() - t0
         # 5b. reference log-probs (no grad) and the old policy's for PPO ratios (> 1 update)
@@ -425,10 +426,16 @@ def _left_pad(prompt_ids, pad_id, device):
     return left_pad(prompt_ids, pad_id, device)
 
 
-def _rollout(policy, ids, mask, constraints, G, suffix):
-    from tsrec.decode.rollout import generate_rollouts
+def _rollout(rl: RlConfig, policy, ids, mask, constraints, G, suffix, draw_key: tuple[int, ...]):
+    """Beam rollouts, or constrained samples from a generator seeded by ``draw_key`` (seed, step, rank,
+    micro-batch): a resumed or repeated step draws the same completions, whatever ran before it."""
+    from tsrec.decode.rollout import generate_rollouts, sample_rollouts
 
-    return generate_rollouts(policy, ids, mask, constraints, G, suffix_ids=suffix)
+    if rl.rollout == "beam":
+        return generate_rollouts(policy, ids, mask, constraints, G, suffix_ids=suffix)
+    gen = torch.Generator(device=ids.device)
+    gen.manual_seed(int.from_bytes(hashlib.sha256(repr(draw_key).encode()).digest()[:8], "little") & (2**63 - 1))
+    return sample_rollouts(policy, ids, mask, constraints, G, rl.temperature, gen, suffix_ids=suffix)
 
 
 def _score(rl: RlConfig, ro, mb, constraints, sim, code_of, eos_id, L, G, C, sums, device) -> dict[str, Any]:
