@@ -330,7 +330,7 @@ class RlConfig:
     epochs: float = 2.0
     max_steps: int = 0
     # Guards (R7): valid HR/NDCG@{3,5,10} with the eval decoder every N steps on a fixed valid sample;
-    # the best-on-valid checkpoint is exported.
+    # the best-on-valid checkpoint is exported. valid_sample_size: seeded valid rows (0 = every valid row).
     eval_every_steps: int = 100
     valid_sample_size: int = 512
     eval_beams: int = 20
