@@ -19,7 +19,8 @@ from tsrec.decode.evaluate import write_results
 from tsrec.sft.logs import write_logs
 from tsrec.sid.index import SidIndex
 
-SECTIONS = ["## Stages", "## Teacher semantics", "## SA-Init", "## SFT loss", "## Metrics", "## Example recommendations"]
+SECTIONS = ["## Stages", "## Teacher semantics", "## SA-Init", "## SFT loss", "## RL", "## Metrics",
+            "## Example recommendations"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,17 @@ def run_dir(tmp_path_factory):
     write_logs(rows, sft)
     write_manifest(sft, "sft", cfg, stats={"steps": 8, "final_train_loss": 0.625, "final_val_loss": 0.6875})
 
+    rl = root / "rl"
+    from tsrec.rl.loop import plot_rl, valid_progress
+
+    rl_rows = [{"step": -1, "eval/ndcg@10": 0.25}, *({"step": s, "rollout/reward_mean": 0.1 * s, "train/kl": 0.001 * s,
+                                                    **({"eval/ndcg@10": 0.25 + 0.01 * s} if s % 2 else {})}
+                                                   for s in range(4))]
+    rl.mkdir()
+    plot_rl(rl_rows, rl / "rl.png")
+    write_manifest(rl, "rl", load_config(overrides=["rl.reward=ranking+semantic"]),
+                   stats={"steps": 4, **valid_progress(rl_rows), "model": "best"})
+
     test = pq.read_table(root / "data" / "test.parquet").to_pylist()[:6]
     sids = index.sids()
     results = []
@@ -78,8 +90,12 @@ def test_report_has_every_section(run_dir, capsys):
     assert "Depth **3**" in md and "**2** of 12" in md
     for task in ("total", "next_sid", "title2sid"):
         assert f"report_files/loss_{task}.png" in md
+    assert ("Reward `ranking+semantic`, 4 steps: valid NDCG@10 **0.2500** at the SFT start, best **0.2800** after 4 "
+            "steps (+0.0300)") in md
+    assert "| valid NDCG@10 | 0.2500 | 0.2600 | 0.2800 |" in md and "![rl](rl/rl.png)" in md
+    assert "| rl | done |" in md and "best 0.2800 after 4 steps" in md
     pngs = re.findall(r"src='data:image/png;base64,([^']+)'", page)
-    assert len(pngs) == 3 and all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert len(pngs) == 4 and all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert "tsrec (model)" in md and "popularity (baseline)" in md and "markov (baseline)" in md
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert f"| tsrec (model) | {metrics['hr@1']:.4f} |" in md

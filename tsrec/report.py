@@ -6,7 +6,8 @@ so it can be rebuilt at any time. A stage folder without a ``manifest.json`` sho
 every section that needs it says so: a partial run still gets a report.
 
 Sections: stages (status, time, key counts, folder), teacher records (valid/failed, two examples),
-SA-Init (depth, rows initialised), SFT loss curves per task (PNG from ``sft/metrics.csv``), metrics
+SA-Init (depth, rows initialised), SFT loss curves per task (PNG from ``sft/metrics.csv``), RL (only when
+``rl/`` exists: start vs best valid NDCG@10, valid NDCG@10 by steps, ``rl/rl.png``), metrics
 (the model and the baselines of ``eval/metrics.json``), example recommendations (history titles,
 target title, top-5 titles with hit marks from ``eval/rankings.parquet`` + ``data/items.parquet``).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from tsrec.artifacts import atomic_write_text
 
 STAGES = [("data", "data"), ("sid", "sids"), ("semantics", "semantics"), ("model", "model"), ("sft", "sft"),
           ("rl", "rl"), ("eval", "eval")]
-OPTIONAL = {"rl"}  # listed only when its folder exists (not in the default pipeline)
+OPTIONAL = {"rl"}  # listed (stage row and RL section) only when its folder exists: not in the default pipeline
 NOT_RUN = "not run"
 N_EXAMPLES = 4
 TOP = 5
@@ -66,6 +68,8 @@ def _stage_counts(name: str, stats: dict[str, Any]) -> str:
                            f"{s.get('sa_init_rows')} rows initialised",
         "sft": lambda s: f"{s.get('steps')} steps, final train loss {_fmt(s.get('final_train_loss'))}, "
                          f"final valid loss {_fmt(s.get('final_val_loss'))}",
+        "rl": lambda s: f"{s.get('steps')} steps, valid NDCG@10 {_fmt(s.get('start_valid_ndcg@10'))} at the start, "
+                        f"best {_fmt(s.get('best_valid_ndcg@10'))} after {s.get('best_after_steps')} steps",
         "eval": lambda s: f"{s.get('rows')} {s.get('split')} rows, beams {s.get('beams')}"
                           + "".join(f", HR@{k.split('@')[1]} {_fmt(s[k])}" for k in
                                     sorted((k for k in s if k.startswith("hr@")), key=lambda k: int(k[3:]))[-1:]),
@@ -139,6 +143,34 @@ def collect_sft(root: Path) -> tuple[list[dict], dict[str, Any] | None]:
     from tsrec.sft.checkpoint import read_metrics_csv
 
     return read_metrics_csv(d / "metrics.csv"), man.get("stats", {})
+
+
+def collect_rl(root: Path) -> dict[str, Any] | None:
+    """The RL stage's summary (``rl/manifest.json`` stats), its reward and plot; None when RL did not run."""
+    man = _manifest(root / "rl")
+    if man is None:
+        return None
+    st = dict(man.get("stats", {}))
+    st["reward"] = (man.get("config") or {}).get("rl", {}).get("reward", "")
+    png = root / "rl" / "rl.png"
+    st["plot"] = png if png.exists() else None
+    return st
+
+
+def _rl_line(st: dict[str, Any]) -> str:
+    start, best = st.get("start_valid_ndcg@10"), st.get("best_valid_ndcg@10")
+    if not isinstance(start, float) or not isinstance(best, float):
+        return f"Reward `{st.get('reward')}`, {st.get('steps')} steps; no valid evaluation."
+    gain = f"+{best - start:.4f}" if best > start else "never above the start"
+    return (f"Reward `{st.get('reward')}`, {st.get('steps')} steps: valid NDCG@10 **{start:.4f}** at the SFT start, best "
+            f"**{best:.4f}** after {st.get('best_after_steps')} steps ({gain}); the exported model is the "
+            f"{st.get('model', 'best')} one (the SFT start itself when RL never beat it on valid).")
+
+
+def _rl_table(st: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    by = st.get("valid_ndcg@10_by_steps") or {}
+    steps = sorted(by, key=int)
+    return ["RL steps", *steps], [["valid NDCG@10", *[by[k] for k in steps]]]
 
 
 def collect_metrics(root: Path) -> dict[str, Any] | None:
@@ -250,7 +282,8 @@ def build(root: str | Path) -> dict[str, Any]:
     sft_rows, sft_stats = collect_sft(root)
     return {"root": str(root), "config": _json(root / "pipeline.json") is not None,
             "stages": collect_stages(root), "teacher": collect_teacher(root), "sa_init": collect_sa_init(root),
-            "sft_rows": sft_rows, "sft": sft_stats, "metrics": collect_metrics(root), "examples": collect_examples(root)}
+            "sft_rows": sft_rows, "sft": sft_stats, "rl": collect_rl(root), "rl_ran": (root / "rl").exists(),
+            "metrics": collect_metrics(root), "examples": collect_examples(root)}
 
 
 def render_markdown(rep: dict[str, Any], plots: list[Path], root: Path) -> str:
@@ -285,6 +318,16 @@ def render_markdown(rep: dict[str, Any], plots: list[Path], root: Path) -> str:
         out.append(f"{st.get('steps')} steps; final train loss {_fmt(st.get('final_train_loss'))}, "
                    f"final validation loss {_fmt(st.get('final_val_loss'))}.\n")
         out.extend(f"![{p.stem}]({p.relative_to(root).as_posix()})" for p in plots)
+    if rep["rl_ran"]:
+        out.append("\n## RL\n")
+        st = rep["rl"]
+        if st is None:
+            out.append(f"RL: {NOT_RUN}.")
+        else:
+            out.append(_rl_line(st) + "\n")
+            out.append(_md_table(*_rl_table(st)))
+            if st["plot"] is not None:
+                out.append(f"\n![rl]({st['plot'].relative_to(root).as_posix()})")
     out.append("\n## Metrics\n")
     m = rep["metrics"]
     if m is None:
@@ -355,6 +398,17 @@ def render_html(rep: dict[str, Any], plots: list[Path]) -> str:
         out.extend(f"<img alt='{_h(p.stem)}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
                    for p in plots)
         out.append("</div>")
+    if rep["rl_ran"]:
+        out.append("<h2>RL</h2>")
+        st = rep["rl"]
+        if st is None:
+            out.append(nr)
+        else:
+            line = re.sub(r"[*][*](.+?)[*][*]", r"<b>\1</b>", html.escape(_rl_line(st)).replace("`", ""))
+            out.append(f"<p>{line}</p>")
+            out.append(_html_table(*_rl_table(st)))
+            if st["plot"] is not None:
+                out.append(f"<img alt='rl' src='data:image/png;base64,{base64.b64encode(st['plot'].read_bytes()).decode()}'>")
     out.append("<h2>Metrics</h2>")
     m = rep["metrics"]
     if m is None:

@@ -37,6 +37,14 @@ def test_pipeline_end_to_end(ray_cluster, tmp_path):
             "sft.max_steps=12",
             "sft.eval_every_steps=6",
             "sft.save_every_steps=6",
+            # The demo's rl stage (sampled groups), shrunk: 4 steps of 4 prompts x G 4.
+            "rl.max_steps=4",
+            "rl.group_size=4",
+            "rl.prompts_per_step=8",
+            "rl.eval_every_steps=2",
+            "rl.save_every_steps=2",
+            "rl.log_every_steps=1",
+            "rl.valid_sample_size=32",
             "eval.beams=5",
             "eval.ks=[1,3,5]",
         ],
@@ -45,11 +53,16 @@ def test_pipeline_end_to_end(ray_cluster, tmp_path):
     summary = run_pipeline(cfg, log=logs.append)
     root = Path(cfg.run.out_dir)
     for sub, name in [("data", "items.parquet"), ("sids", "index.json"), ("semantics", "semantics.parquet"),
-                      ("model", "config.json"), ("sft", "model/config.json"), ("eval", "metrics.json")]:  # fmt: skip
+                      ("model", "config.json"), ("sft", "model/config.json"), ("rl", "model/config.json"),
+                      ("rl", "summary.json"), ("eval", "metrics.json")]:  # fmt: skip
         assert (root / sub / name).exists(), f"{sub}/{name}"
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     assert metrics["invalid_sids"] == 0
-    assert set(summary["stages"]) == set(cfg.pipeline.stages)
+    assert "rl" in cfg.pipeline.stages and set(summary["stages"]) == set(cfg.pipeline.stages)
+    rl = json.loads((root / "rl" / "summary.json").read_text())
+    assert rl["steps"] == 4 and rl["start_valid_ndcg@10"] is not None
+    evaluated = json.loads((root / "eval" / "manifest.json").read_text())["inputs"]["model"]["path"]
+    assert Path(evaluated).resolve() == (root / "rl" / "model").resolve()  # eval scored the RL model
     _check_semantics_and_sa_init(cfg, root)
 
     # Second run: everything is up to date and skipped; changing eval.beams reruns only eval.
