@@ -362,7 +362,7 @@ def _html_table(header: list[str], rows: list[list[Any]]) -> str:
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.45}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;font-size:.9em;text-align:left}
 th{background:#f0f0f0}code{background:#f4f4f4;padding:0 .2em}.hit{color:#0a7d12;font-weight:bold}
-.notrun{color:#999;font-style:italic}img{margin:.3em;border:1px solid #ddd}.ex{margin:.8em 0;padding:.5em;border-left:3px solid #ccc}"""
+.notrun{color:#999;font-style:italic}img{margin:.3em;border:1px solid #ddd;max-width:100%;height:auto}.ex{margin:.8em 0;padding:.5em;border-left:3px solid #ccc}"""
 
 
 def render_html(rep: dict[str, Any], plots: list[Path]) -> str:
