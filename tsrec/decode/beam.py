@@ -151,6 +151,22 @@ def _forward(model, cache_kw: str, input_ids, attention_mask, position_ids, cach
     return out.logits[:, -1, :].float(), new_cache
 
 
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, constraints: SidConstraints):
+    """Checks and the prompt forward every SID decoder starts with (beam search, sampled rollouts).
+
+    Returns ``(constraints on the ids' device, int64 mask, cache keyword, last-position logits, cache)``.
+    Raises :class:`PaddingSideError` unless the batch is left-padded.
+    """
+    cons = constraints.to(input_ids.device)
+    attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+    check_left_padded(attention_mask)
+    cache_kw = _cache_kw(model)
+    # Left padding: positions count real tokens only (pads get a dummy position, masked anyway).
+    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    logits, cache = _forward(model, cache_kw, input_ids, attention_mask, positions, None)
+    return cons, attention_mask, cache_kw, logits, cache
+
+
 def _level_logprobs(logits: torch.Tensor, code_ids: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary float32 log-softmax, evaluated only at the level's code columns.
 
@@ -196,16 +212,9 @@ def constrained_beam_search(
     if K < 1 or K > constraints.num_sids:
         raise ValueError(f"beam width {K} must be in 1..{constraints.num_sids} (the number of catalogue SIDs)")
     device = input_ids.device
-    cons = constraints.to(device)
     B, T = input_ids.shape
-    attention_mask = attention_mask.to(device=device, dtype=torch.long)
-    check_left_padded(attention_mask)
-    cache_kw = _cache_kw(model)
     suffix = [int(i) for i in score_suffix_ids]
-
-    # Left padding: positions count real tokens only (pads get a dummy position, masked anyway).
-    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-    logits, cache = _forward(model, cache_kw, input_ids, attention_mask, positions, None)
+    cons, attention_mask, cache_kw, logits, cache = prefill(model, input_ids, attention_mask, constraints)
 
     arange_b = torch.arange(B, device=device)
     scores = torch.zeros((B, 1), device=device)  # one live beam per prompt at level 0

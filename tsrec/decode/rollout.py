@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tsrec.decode.beam import (EmptyAllowedSetError, _cache_kw, _forward, _level_logprobs, check_left_padded,
-                               constrained_beam_search)
+from tsrec.decode.beam import EmptyAllowedSetError, _forward, _level_logprobs, constrained_beam_search, prefill
 from tsrec.decode.constraints import SidConstraints
 
 
@@ -137,13 +136,8 @@ def sample_rollouts(
     if not temperature > 0:
         raise ValueError(f"sampling temperature must be > 0, got {temperature}")
     device = input_ids.device
-    cons = constraints.to(device)
-    B, _ = input_ids.shape
-    attention_mask = attention_mask.to(device=device, dtype=torch.long)
-    check_left_padded(attention_mask)
-    cache_kw = _cache_kw(model)
-    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-    logits, cache = _forward(model, cache_kw, input_ids, attention_mask, positions, None)
+    B = input_ids.shape[0]
+    cons, attention_mask, cache_kw, logits, cache = prefill(model, input_ids, attention_mask, constraints)
     rows = torch.arange(B, device=device).repeat_interleave(G)
     cache.reorder_cache(rows)  # B -> B*G: every draw of a prompt continues from its one prefill
     logits = logits.index_select(0, rows)
