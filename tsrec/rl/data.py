@@ -143,10 +143,7 @@ def build_rl_data(cfg, data_dir: str | Path, sids_dir: str | Path) -> RlData:
     valid_path = Path(data_dir) / "valid.parquet"
     valid_rows = split_rows(read_split(data_dir, "valid"))
     valid = sid_history_samples(valid_rows, index, mode, valid_path)
-    if 0 < rl.valid_sample_size < len(valid):
-        # A fixed, seeded sample, in valid order, so every evaluation of a run scores the same prompts.
-        keep = sorted(random.Random(seed).sample(range(len(valid)), rl.valid_sample_size))
-        valid = [valid[i] for i in keep]
+    valid = [valid[i] for i in valid_sample(len(valid), rl.valid_sample_size, seed)]
     return RlData(train=train, valid=valid, counts={t: len(by_task.get(t, [])) for t in RL_TASKS}, dropped=dropped)
 
 
@@ -171,6 +168,14 @@ def processed_description(raw: str, mode: str = "upstream") -> str:
         return str(value[0]) if isinstance(value, list) and value else raw
     parts = [str(v) for v in value] if isinstance(value, list) else _ELEMENT_SEP.split(raw[2:-2])
     return next((x.strip() for x in parts if x.strip()), "")
+
+
+def valid_sample(n_rows: int, size: int, seed: int) -> list[int]:
+    """Row numbers of the fixed valid sample: ``size`` seeded rows in valid order (all rows when ``size`` is 0
+    or at least ``n_rows``), so every evaluation of a run, and the RL loop's guard, score the same rows."""
+    if 0 < size < n_rows:
+        return sorted(random.Random(seed).sample(range(n_rows), size))
+    return list(range(n_rows))
 
 
 def sid_history_samples(rows: Sequence[tuple[list[int], int]], index: SidIndex, mode: str, source: Path) -> list[RlSample]:

@@ -587,6 +587,7 @@ def _valid_prompts(cfg: Config, data_dir: Path, index, tok) -> list[dict[str, An
     the evaluation prompts of ``tsrec eval`` (stage ``eval`` wording), tokenised, with target SID ids."""
     from tsrec.data.schema import read_split
     from tsrec.decode.evaluate import build_prompt_texts
+    from tsrec.rl.data import valid_sample
     from tsrec.sid.index import split_sid
 
     table = read_split(data_dir, "valid")
@@ -594,9 +595,7 @@ def _valid_prompts(cfg: Config, data_dir: Path, index, tok) -> list[dict[str, An
             for i, (u, h, t) in enumerate(zip(table.column("user_id").to_pylist(),
                                               table.column("history_item_ids").to_pylist(),
                                               table.column("item_id").to_pylist()))]
-    n = cfg.rl.valid_sample_size
-    if 0 < n < len(rows):
-        rows = [rows[i] for i in sorted(random.Random(cfg.run.seed).sample(range(len(rows)), n))]
+    rows = [rows[i] for i in valid_sample(len(rows), cfg.rl.valid_sample_size, cfg.run.seed)]
     out = []
     for r in build_prompt_texts(rows, index, cfg.prompts.mode, source=str(Path(data_dir) / "valid.parquet")):
         target = [int(i) for i in tok.convert_tokens_to_ids(split_sid(r["target_sid"]))]
