@@ -406,7 +406,7 @@ class ResourcesConfig:
     embed: StageResources = field(default_factory=StageResources)
     teacher: StageResources = field(default_factory=lambda: StageResources(workers=2))
     sft: TrainResources = field(default_factory=lambda: TrainResources(workers=2))
-    rl: StageResources = field(default_factory=lambda: StageResources(workers=2))
+    rl: TrainResources = field(default_factory=lambda: TrainResources(workers=2))
     eval: EvalResources = field(default_factory=EvalResources)
 
 

@@ -37,7 +37,7 @@ def test_pipeline_end_to_end(ray_cluster, tmp_path):
             "sft.max_steps=12",
             "sft.eval_every_steps=6",
             "sft.save_every_steps=6",
-            # The demo's rl stage (sampled groups), shrunk: 4 steps of 4 prompts x G 4.
+            # The demo's rl stage (beam groups), shrunk: 4 steps of 8 prompts x G 4.
             "rl.max_steps=4",
             "rl.group_size=4",
             "rl.prompts_per_step=8",

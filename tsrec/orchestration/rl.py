@@ -24,14 +24,15 @@ from typing import Any
 
 from tsrec.artifacts import InputError, staging_dir, write_manifest
 from tsrec.config import Config, config_from_manifest_dict
-from tsrec.orchestration.cluster import ensure_ray
+from tsrec.orchestration.cluster import ensure_ray, train_logging_config
+from tsrec.orchestration.storage import failure_config, ray_storage, restart_wait
 from tsrec.orchestration.train import RayTrainContext, copy_tree, delete_tree
 
 
 def run_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semantics_file: Path | None,
            out_dir: Path, force: bool = False) -> dict[str, Any]:
     """Run RL on Ray Train and collect its outputs in ``out_dir`` (what ``tsrec rl`` calls)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from tsrec.rl.loop import rl_identity
@@ -55,10 +56,11 @@ def run_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semanti
                            res.workers)
     name = f"{cfg.run.name}-rl-{identity}"
     storage = cfg.rl.storage_path or str(out_dir / "ray")
+    endpoint = cfg.run.storage_endpoint
     run_uri = f"{storage.rstrip('/')}/{name}"
     artifacts = f"{run_uri}/artifacts"
     if force:
-        delete_tree(run_uri)
+        delete_tree(run_uri, endpoint)
     ensure_ray(cfg)
     worker_resources = {"CPU": res.cpus_per_worker}
     if res.gpus_per_worker > 0:
@@ -66,20 +68,24 @@ def run_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semanti
     trainer = TorchTrainer(
         _rl_worker,
         train_loop_config={"cfg": cfg.to_dict(), "model": str(model_dir), "data": str(data_dir), "sids": str(sids_dir),
-                           "semantics": str(semantics_file) if semantics_file else None, "artifacts": artifacts},
+                           "semantics": str(semantics_file) if semantics_file else None, "artifacts": artifacts,
+                           "storage_endpoint": endpoint},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
-                                     resources_per_worker=worker_resources),
-        run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cfg.rl.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                                     resources_per_worker=worker_resources,
+                                     placement_strategy=res.placement_strategy),
+        run_config=RunConfig(name=name, **ray_storage(storage, endpoint),
+                             failure_config=failure_config(cfg.rl.max_failures, res.restart_wait_s),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=train_logging_config()),  # quiet `tsrec run`: WARNING
     )
-    result = trainer.fit()
+    with restart_wait(res.restart_wait_s):
+        result = trainer.fit()
     if getattr(result, "error", None) is not None:
         raise result.error
 
     with staging_dir(out_dir) as stage:
         fetched = stage / ".artifacts"
-        copy_tree(artifacts, str(fetched))
+        copy_tree(artifacts, str(fetched), endpoint)
         chosen = "best" if (fetched / "best" / "config.json").exists() else "final"
         shutil.move(str(fetched / chosen), stage / "model")
         for item in (fetched / "logs").iterdir():
@@ -103,7 +109,7 @@ def _rl_worker(config: dict[str, Any]) -> None:
     from tsrec.rl.loop import train_rl
 
     cfg = config_from_manifest_dict(config["cfg"])
-    ctx = RayTrainContext(config["artifacts"])
+    ctx = RayTrainContext(config["artifacts"], storage_endpoint=config.get("storage_endpoint", ""))
     sem = Path(config["semantics"]) if config["semantics"] else None
     try:
         train_rl(cfg, Path(config["model"]), Path(config["data"]), Path(config["sids"]), sem, ctx)
