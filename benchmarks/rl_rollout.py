@@ -9,8 +9,10 @@ same left-padded RL prompts (``tsrec.rl.data``):
    MiniOneRec's rollout.
 
 It reports prompts/s of both and whether their G-lists agree, then runs ``tsrec.rl.loop.train_rl`` for
-``--steps`` steps (1 process, ZeRO-2, CPU or GPU) and reports the share of a step spent in rollout vs
-update (reference forward included in update). Appends a section to ``benchmarks/RESULTS.md``.
+``--steps`` steps (1 process, ZeRO-2, CPU or GPU) twice: with every rollout row through the decoder in the
+update (``rl.shared_prompt_forward=false``, the public path) and with each prompt once per group (the
+default), and reports the update seconds per step of both, their ratio and the share of a step spent in
+rollout vs update (reference forward included in update). Appends a section to ``benchmarks/RESULTS.md``.
 
     python benchmarks/rl_rollout.py                  # CPU: G 16, 64 items, 32 prompts, 3 RL steps
 """
@@ -86,15 +88,20 @@ def main() -> int:
             mine = [cons.sids[i] for i in ro.sid_index.tolist()]
             for b in range(len(sids)):
                 same += sorted(mine[b * a.group : (b + 1) * a.group]) == sorted(sids[b])
-        # An RL step in the loop: rollout vs update share.
-        result_dir = Path(d) / "rl"
-        train_rl(cfg, run["model"], run["data"], run["sids"], run["semantics"], LocalContext(result_dir))
+        # An RL step in the loop, every row in full vs each prompt once per group: update time, rollout share.
         from tsrec.sft.checkpoint import read_metrics_csv
 
-        # step -1 is the SFT start's valid evaluation (no rollout, no update): not a step
-        rows = [r for r in read_metrics_csv(result_dir / "logs" / "metrics.csv") if r["step"] >= 0]
-        roll = sum(r["time/rollout_s"] for r in rows)
-        step = sum(r["time/step_s"] for r in rows)
+        timing = {}
+        for shared in (False, True):
+            result_dir = Path(d) / f"rl-{shared}"
+            run_cfg = load_config(None, [*overrides, f"rl.shared_prompt_forward={str(shared).lower()}"])
+            train_rl(run_cfg, run["model"], run["data"], run["sids"], run["semantics"], LocalContext(result_dir))
+            # step -1 is the SFT start's valid evaluation (no rollout, no update): not a step
+            rows = [r for r in read_metrics_csv(result_dir / "logs" / "metrics.csv") if r["step"] >= 0]
+            timing[shared] = {"update": sum(r["time/update_s"] for r in rows) / len(rows),
+                              "rollout_share": sum(r["time/rollout_s"] for r in rows) / sum(r["time/step_s"] for r in rows),
+                              "kl": [r["train/kl"] for r in rows], "loss": [r["train/loss"] for r in rows]}
+        full, grouped = timing[False], timing[True]
     n = len(samples)
     lines = [
         f"## rl_rollout: in-worker constrained beam search vs generate + prefix_allowed_tokens_fn ({'cuda' if torch.cuda.is_available() else 'cpu'})",
@@ -109,8 +116,13 @@ def main() -> int:
         f"- transformers generate + prefix_allowed_tokens_fn (Python trie): {n / t_hf:.2f} prompts/s",
         f"- tsrec generate_rollouts (tensor constrained beam search):     {n / t_ours:.2f} prompts/s",
         f"- speed-up: {t_hf / t_ours:.1f}x; same G-set of SIDs on {same}/{n} prompts",
-        f"- RL step ({a.prompts} prompts x G {a.group}, 1 process, ZeRO-2, {len(rows)} steps): rollout "
-        f"{roll / step:.0%} of the step time, update (policy + reference forward, backward, step) {1 - roll / step:.0%}",
+        f"- RL update per step ({a.prompts} prompts x G {a.group}, 1 process, ZeRO-2, mean of {len(rows)} steps; policy + "
+        f"reference forward, backward, step): every row in full {full['update']:.2f} s, each prompt once per group "
+        f"{grouped['update']:.2f} s: {full['update'] / grouped['update']:.1f}x; largest difference of the two runs' per-step "
+        f"loss {max(abs(x - y) for x, y in zip(full['loss'], grouped['loss'])):.1e} and KL "
+        f"{max(abs(x - y) for x, y in zip(full['kl'], grouped['kl'])):.1e} (KL {max(grouped['kl']):.1e})",
+        f"- rollout share of the step time: {full['rollout_share']:.0%} with every row in full, "
+        f"{grouped['rollout_share']:.0%} with the shared prompt forward (the rest is the update)",
         f"- 1-min load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end (other jobs share the machine)",
         "",
     ]

@@ -322,6 +322,9 @@ class RlConfig:
     # Rollout: constrained beam search (upstream) or constrained sampling at `temperature`.
     rollout: Literal["beam", "sample"] = "beam"
     temperature: float = 1.0
+    # Update and reference forward: each prompt through the decoder once for its G completions (KV cache
+    # repeated G times) instead of G times; off = every row in full (also when gradient_checkpointing).
+    shared_prompt_forward: bool = True
     lr: float = 1e-5
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03

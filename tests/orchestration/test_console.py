@@ -5,6 +5,7 @@ max_restarts."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -83,7 +84,7 @@ def test_data_actor_pool_has_no_core_worker_error_line(ray_cluster, capfd):
 
 
 @pytest.mark.ray
-def test_quiet_train_worker_drops_the_per_report_lines(ray_cluster, tmp_path):
+def test_quiet_train_worker_drops_the_per_report_lines_and_deepspeeds_torch_warning(ray_cluster, tmp_path):
     import json
 
     from ray.train import RunConfig, ScalingConfig
@@ -92,9 +93,11 @@ def test_quiet_train_worker_drops_the_per_report_lines(ray_cluster, tmp_path):
     # Defined here so that cloudpickle ships it by value: the workers cannot import this test module.
     def _report_once(config):
         """A Ray Train worker: rank 0 runs as a quiet run's worker, rank 1 as a verbose one; each counts the
-        "Reporting training result" records that get past Ray Train's file-path-named logger."""
+        "Reporting training result" records that get past Ray Train's file-path-named logger, and the
+        FutureWarnings that get past the filters when the warning DeepSpeed's ZeRO-2 causes is raised."""
         import json
         import os
+        import warnings
 
         import ray.train
 
@@ -103,6 +106,8 @@ def test_quiet_train_worker_drops_the_per_report_lines(ray_cluster, tmp_path):
         rank = ray.train.get_context().get_world_rank()
         if rank == 0:
             os.environ["TSREC_QUIET"] = "1"
+        else:  # the cluster may have started after an earlier test's quiet_console set it in this process
+            os.environ.pop("TSREC_QUIET", None)
         quiet_train_worker()
         from ray.train.v2._internal.execution import context as train_context
 
@@ -114,12 +119,75 @@ def test_quiet_train_worker_drops_the_per_report_lines(ray_cluster, tmp_path):
 
         logging.getLogger(train_context.__file__).addHandler(Count())
         ray.train.report({"loss": 1.0})
+        with warnings.catch_warnings(record=True) as caught:  # keeps the filters quiet_train_worker set
+            warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
+                          "`torch.distributed.all_gather_single` instead.", FutureWarning)
         with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
-            json.dump([m for m in seen if m.startswith("Reporting training result")], f)
+            json.dump({"reports": [m for m in seen if m.startswith("Reporting training result")],
+                       "warnings": [str(w.message) for w in caught]}, f)
 
     TorchTrainer(_report_once, train_loop_config={"out": str(tmp_path)},
                  scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
                  run_config=RunConfig(name="quiet", storage_path=str(tmp_path / "runs"))).fit()
     quiet, verbose = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert verbose, "the verbose worker logs Ray Train's per-report line (else this test sees nothing)"
-    assert quiet == []
+    assert verbose["reports"], "the verbose worker logs Ray Train's per-report line (else this test sees nothing)"
+    assert quiet["reports"] == []
+    assert len(verbose["warnings"]) == 1, "the verbose worker shows the warning (else this test sees nothing)"
+    assert quiet["warnings"] == []
+
+
+_STATE_API_PROBE = r"""
+import os, sys
+import ray
+from tsrec.config import load_config
+from tsrec.orchestration.cluster import ensure_ray
+
+ensure_ray(load_config(None, []))
+
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def own_state(self):
+        # What Ray Train's PlacementGroupCleaner does from its actor: ask the State API about an actor of
+        # this cluster, with no address given.
+        from ray.util.state import get_actor
+
+        me = ray.get_runtime_context().get_actor_id()
+        try:
+            return "found" if get_actor(me, timeout=15) is not None else "not found"
+        except Exception as e:  # the traceback a run printed: RpcError "Timed out while waiting for GCS"
+            return f"{type(e).__name__}: {e}"
+
+
+print("STATE", ray.get(Probe.remote().own_state.remote()))
+ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+def test_a_local_clusters_actors_reach_its_own_state_api(tmp_path):
+    """Ray Train's PlacementGroupCleaner (one per trainer) asks the State API whether the controller lives.
+    With no address it follows /tmp/ray/ray_current_cluster, which a local in-process cluster does not
+    write: it dialled a cluster that ran there before and printed an RpcError traceback into the run's
+    console. ensure_ray names the local cluster's own State API server for every process it starts.
+    A dead cluster's address is written into an isolated /tmp/ray file first, as a stale one on a user's
+    machine would be (RAY_TMPDIR moves Ray's temp dir, so the machine's real file is not touched)."""
+    import os
+    import subprocess
+    import sys
+
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="tsrec-", dir="/tmp"))  # short: Ray's socket paths live below it
+    try:
+        (root / "ray").mkdir()
+        (root / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens on port 9
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+        env.update(RAY_TMPDIR=str(root), TMPDIR=str(root))
+        out = subprocess.run([sys.executable, "-c", _STATE_API_PROBE], env=env, capture_output=True, text=True,
+                             timeout=240)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("STATE")]
+    assert line == ["STATE found"], (out.stdout[-2000:], out.stderr[-3000:])

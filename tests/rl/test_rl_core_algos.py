@@ -169,6 +169,41 @@ def test_loss_gradient_on_tiny_model_equals_autograd_of_written_out_formula():
     assert any(float(a.abs().max()) > 0 for a in grads)
 
 
+def test_grouped_logprobs_equal_the_plain_forward_with_their_gradients():
+    """Each prompt once + a repeated KV cache (grouped_sequence_logprobs) against every row through the
+    decoder (sequence_logprobs): same log-probs, same parameter gradients, with prompts of different lengths."""
+    from tsrec.tiny import build_tiny_model
+
+    V, B, G, P, C = 97, 3, 4, 9, 5
+    lm = build_tiny_model(V, hidden_size=32, layers=2, seed=3).float()
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(1, V, (B, P), generator=g)
+    pmask = torch.ones(B, P, dtype=torch.long)
+    pmask[0, :4] = 0  # left padding of different lengths
+    pmask[2, :1] = 0
+    prompts[pmask == 0] = 0
+    comp = torch.randint(1, V, (B * G, C), generator=g)
+    seqs = torch.cat([prompts.repeat_interleave(G, 0), comp], 1)
+    attn = torch.cat([pmask.repeat_interleave(G, 0), torch.ones(B * G, C, dtype=torch.long)], 1)
+    weights = torch.randn(B * G, C, generator=g)
+
+    plain = ca.sequence_logprobs(lm, seqs, attn, C)
+    plain_grads = torch.autograd.grad((plain * weights).sum(), list(lm.parameters()))
+    grouped = ca.grouped_sequence_logprobs(lm, seqs, attn, C, G)
+    grouped_grads = torch.autograd.grad((grouped * weights).sum(), list(lm.parameters()))
+
+    assert grouped.shape == (B * G, C)
+    assert torch.allclose(grouped, plain, atol=1e-5), (grouped - plain).abs().max()
+    for (name, _), a, b in zip(lm.named_parameters(), plain_grads, grouped_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+    assert max(float(a.abs().max()) for a in plain_grads) > 0
+    with pytest.raises(ValueError, match="groups"):
+        ca.grouped_sequence_logprobs(lm, seqs, attn, C, 3)  # 12 rows are not groups of 3 identical prompts
+    group_minor = lambda t: t.view(B, G, -1).transpose(0, 1).reshape(B * G, -1)  # noqa: E731 - row g * B + b
+    with pytest.raises(ValueError, match="prompt-major"):
+        ca.grouped_sequence_logprobs(lm, group_minor(seqs), group_minor(attn), C, G)
+
+
 RECORDS = [
     {"token": "<a_0>", "description": "d", "keywords": ["glue", "tape", "adhesive"]},
     {"token": "<a_1>", "description": "d", "keywords": ["Tape", "adhesive", "film", "seal"]},

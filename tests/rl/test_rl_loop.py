@@ -169,3 +169,24 @@ def test_sampled_rollouts_train_and_resume_to_the_same_steps(ranking_semantic, t
         for k in ("train/loss", "train/kl", "rollout/reward_mean", "rollout/hit_share", "eval/ndcg@10"):
             if k in a:
                 assert abs(a[k] - b[k]) < 1e-4, (a["step"], k, a[k], b[k])
+
+
+def test_shared_prompt_forward_gives_the_steps_of_the_full_forward(ranking_semantic, tiny, tmp_path, capfd):
+    """The default update runs each prompt once for its group of G rows (rl.shared_prompt_forward): every
+    logged loss, KL, reward and valid metric equals a run that puts every row through the decoder (fp32)."""
+    full, _ = ranking_semantic
+    _train(tiny, tmp_path, "rl.reward=ranking+semantic", "rl.shared_prompt_forward=false")
+    assert "shared_prompt_forward=False" in capfd.readouterr().out
+    shared = read_metrics_csv(full / "logs" / "metrics.csv")
+    plain = read_metrics_csv(tmp_path / "logs" / "metrics.csv")
+    assert [r["step"] for r in plain] == [r["step"] for r in shared] == [-1, 0, 1, 2, 3]
+    for a, b in zip(shared, plain):
+        for k in ("train/loss", "train/kl", "rollout/reward_mean", "eval/ndcg@10"):
+            if k in a or k in b:
+                assert abs(a[k] - b[k]) < 1e-4, (a["step"], k, a[k], b[k])
+    assert any(abs(r["train/loss"]) > 1e-6 for r in shared if r["step"] >= 0)  # the steps did update
+
+
+def test_the_default_run_used_the_shared_prompt_forward(tiny, tmp_path, capfd):
+    _train(tiny, tmp_path, "rl.max_steps=1", "rl.eval_every_steps=1", "rl.save_every_steps=1")
+    assert "shared_prompt_forward=True" in capfd.readouterr().out

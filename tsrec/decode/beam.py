@@ -102,7 +102,7 @@ def unwrap_model(model):
     return model
 
 
-def _cache_kw(model) -> str:
+def cache_keyword(model) -> str:
     """The cache keyword of the wrapped HF module's forward.
 
     transformers >= 5.2x renamed ``past_key_values`` to ``cache`` (the old name is deprecated and
@@ -160,7 +160,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, constr
     cons = constraints.to(input_ids.device)
     attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
     check_left_padded(attention_mask)
-    cache_kw = _cache_kw(model)
+    cache_kw = cache_keyword(model)
     # Left padding: positions count real tokens only (pads get a dummy position, masked anyway).
     positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
     logits, cache = _forward(model, cache_kw, input_ids, attention_mask, positions, None)

@@ -29,14 +29,43 @@ def ensure_ray(cfg: Config, log_dir: Path | None = None) -> None:
     ``<log_dir>/ray.log`` instead of the console (:func:`quiet_console`).
     """
     if not ray.is_initialized():
+        init_kwargs = {}
         if ray_address(cfg) == "local":
             # Ray Train's PreemptionWatcher watches for node preemption (spot instances); a local
             # in-process cluster has none, and creating it logs core_worker's max_restarts ERROR line.
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+            init_kwargs = _local_state_api()
         if log_dir is not None:
             quiet_console(log_dir)  # before ray.init: a local cluster's workers inherit the environment
         # Never pass num_cpus when joining a cluster (STACK.md 3.4).
-        ray.init(address=ray_address(cfg), configure_logging=False)
+        ray.init(address=ray_address(cfg), configure_logging=False, **init_kwargs)
+
+
+_API_ENV = "RAY_API_SERVER_ADDRESS"
+_api_set_here = False
+
+
+def _local_state_api() -> dict:
+    """Pin a local cluster's dashboard (Ray's State API server) to a free port and name it in
+    ``RAY_API_SERVER_ADDRESS`` before ``ray.init``, so every process of the cluster inherits it.
+
+    Ray Train's PlacementGroupCleaner actor asks the State API every few seconds whether the run's
+    controller still lives. Without an address it reads ``/tmp/ray/ray_current_cluster``, which an
+    in-process local cluster does not write: it then dials whichever cluster ran there before, times out
+    and prints a 25-line ``RpcError`` traceback per trainer into the console of a healthy run. A value the
+    user set is kept.
+    """
+    import socket
+
+    global _api_set_here
+    if _API_ENV in os.environ and not _api_set_here:
+        return {}
+    with socket.socket() as s:  # a free port now; Ray binds it a moment later
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ[_API_ENV] = f"http://127.0.0.1:{port}"
+    _api_set_here = True
+    return {"dashboard_port": port}
 
 
 # Ray Data's actor pools default to max_restarts=-1 and hand every actor its map function and the
@@ -77,6 +106,10 @@ def quiet_train_worker() -> None:
             _logging.getLogger(_train_context.__file__).setLevel(_logging.WARNING)
         except ImportError:  # pragma: no cover - another Ray version
             pass
+        # DeepSpeed 0.19's ZeRO-2 calls torch's deprecated all_gather_into_tensor: one FutureWarning per
+        # worker and stage on the console, about library internals a user cannot act on.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                                category=FutureWarning)
 
 
 def train_logging_config():

@@ -72,14 +72,24 @@ REF_DIR = "reference"
 
 class RlLM(torch.nn.Module):
     """Wraps the policy so DeepSpeed's forward returns completion log-probs, LM head only at the
-    completion positions (R6). ``lm`` is the attribute ``tsrec.sft.checkpoint.export_hf`` exports."""
+    completion positions (R6). ``lm`` is the attribute ``tsrec.sft.checkpoint.export_hf`` exports.
+    ``group_size`` > 1: rows are prompt-major groups and each prompt goes through the decoder once
+    (``core_algos.grouped_sequence_logprobs``); 1: every row in full."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
-    def forward(self, sequences, attention_mask, completion_len: int):
-        return ca.sequence_logprobs(self.lm, sequences, attention_mask, completion_len)
+    def forward(self, sequences, attention_mask, completion_len: int, group_size: int = 1):
+        return completion_logprobs(self.lm, sequences, attention_mask, completion_len, group_size)
+
+
+def completion_logprobs(lm, sequences, attention_mask, completion_len: int, group_size: int) -> torch.Tensor:
+    """Completion log-probs of rollout rows: each prompt once for its group (``group_size`` > 1) or every
+    row in full (1)."""
+    if group_size > 1:
+        return ca.grouped_sequence_logprobs(lm, sequences, attention_mask, completion_len, group_size)
+    return ca.sequence_logprobs(lm, sequences, attention_mask, completion_len)
 
 
 def rl_identity(cfg: Config, inputs: dict[str, Path | None], world_size: int) -> str:
@@ -207,6 +217,9 @@ def train_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, seman
         raise ConfigError(f"rl.group_size={G} exceeds the {constraints.num_sids} catalogue SIDs")
     suffix = upstream_suffix_ids(tok, constraints)  # "\n" + EOS: the completion the SFT model was trained on
     C = L + len(suffix)
+    # Each prompt through the decoder once per group in the update and the reference forward (a group's G
+    # rows share it); gradient checkpointing turns the decoder's KV cache off, so it runs every row in full.
+    shared = G if rl.shared_prompt_forward and not rl.gradient_checkpointing else 1
     sim, code_of = _semantic_tables(rl, semantics_file, constraints, tok, device)
     valid = _valid_prompts(cfg, data_dir, index, tok)
     sizes = rl_sizes(rl, len(train), world)
@@ -216,7 +229,7 @@ def train_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, seman
         print(f"[rl] prompts={len(train)} {data.counts} valid={len(valid)} world={world} G={G} "
               f"prompts/step={rl.prompts_per_step} micro={rl.prompts_per_micro} grad_accum={sizes['gas']} "
               f"steps/epoch={steps_per_epoch} steps={total_steps} reward={rl.reward} beta={rl.beta} "
-              f"zero={rl.zero_stage} {rl.precision}", flush=True)
+              f"zero={rl.zero_stage} {rl.precision} shared_prompt_forward={shared > 1}", flush=True)
 
     inputs = {"model": model_dir, "data": data_dir, "sids": sids_dir,
               "semantics": semantics_file if "semantic" in rl.reward else None}
@@ -302,14 +315,14 @@ def train_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, seman
         # 5b. reference log-probs (no grad) and the old policy's for PPO ratios (> 1 update)
         for b in batches:
             with torch.no_grad():
-                b["ref"] = _ref_logprobs(ref, rl.zero_stage, b, C) if rl.beta > 0 else None
-                b["old"] = engine(b["seq"], b["mask"], C).float() if rl.updates_per_rollout > 1 else None
+                b["ref"] = _ref_logprobs(ref, rl.zero_stage, b, C, shared) if rl.beta > 0 else None
+                b["old"] = engine(b["seq"], b["mask"], C, shared).float() if rl.updates_per_rollout > 1 else None
         engine.train()
         # 5c. policy updates
         loss_sum = torch.zeros(4, dtype=torch.float64)  # loss, kl, clip fraction, micro count
         for _ in range(rl.updates_per_rollout):
             for b in batches:
-                logp = engine(b["seq"], b["mask"], C)
+                logp = engine(b["seq"], b["mask"], C, shared)
                 loss, st = ca.policy_loss(logp.float(), b["adv"], b["cmask"], old_logprobs=b["old"], ref_logprobs=b["ref"],
                                           beta=rl.beta, clip_eps=rl.clip_eps if rl.updates_per_rollout > 1 else None)
                 engine.backward(loss)
@@ -525,11 +538,11 @@ def _build_reference(rl: RlConfig, load_lm, ds_config, device):
     return engine
 
 
-def _ref_logprobs(ref, zero_stage: int, b, C: int) -> torch.Tensor:
+def _ref_logprobs(ref, zero_stage: int, b, C: int, group_size: int) -> torch.Tensor:
     # ZeRO-3: through the engine's module (its hooks gather each layer; every rank runs the same forwards).
     if zero_stage == 3:
-        return ref(b["seq"], b["mask"], C).float()
-    return ca.sequence_logprobs(ref, b["seq"], b["mask"], C).float()
+        return ref(b["seq"], b["mask"], C, group_size).float()
+    return completion_logprobs(ref, b["seq"], b["mask"], C, group_size).float()
 
 
 @torch.no_grad()
