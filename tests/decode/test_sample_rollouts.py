@@ -7,7 +7,6 @@ that distribution for every catalogue SID with one plain forward per prefix (no 
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -21,7 +21,6 @@ was already dead before the hook could fire, so the node loss, not the hook, end
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time

@@ -24,17 +24,13 @@ from typing import Any
 
 from tsrec.artifacts import InputError, staging_dir, write_manifest
 from tsrec.config import Config, config_from_manifest_dict
-from tsrec.orchestration.cluster import ensure_ray, train_logging_config
-from tsrec.orchestration.storage import failure_config, ray_storage, restart_wait
-from tsrec.orchestration.train import RayTrainContext, copy_tree, delete_tree
+from tsrec.orchestration.cluster import ensure_ray
+from tsrec.orchestration.train import RayTrainContext, copy_tree, delete_tree, fit_trainer
 
 
 def run_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semantics_file: Path | None,
            out_dir: Path, force: bool = False) -> dict[str, Any]:
     """Run RL on Ray Train and collect its outputs in ``out_dir`` (what ``tsrec rl`` calls)."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from tsrec.rl.loop import rl_identity
 
     model_dir, data_dir, sids_dir, out_dir = (Path(p).resolve() for p in (model_dir, data_dir, sids_dir, out_dir))
@@ -62,26 +58,12 @@ def run_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semanti
     if force:
         delete_tree(run_uri, endpoint)
     ensure_ray(cfg)
-    worker_resources = {"CPU": res.cpus_per_worker}
-    if res.gpus_per_worker > 0:
-        worker_resources["GPU"] = res.gpus_per_worker
-    trainer = TorchTrainer(
+    result = fit_trainer(
         _rl_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "model": str(model_dir), "data": str(data_dir), "sids": str(sids_dir),
-                           "semantics": str(semantics_file) if semantics_file else None, "artifacts": artifacts,
-                           "storage_endpoint": endpoint},
-        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
-                                     resources_per_worker=worker_resources,
-                                     placement_strategy=res.placement_strategy),
-        run_config=RunConfig(name=name, **ray_storage(storage, endpoint),
-                             failure_config=failure_config(cfg.rl.max_failures, res.restart_wait_s),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             logging_config=train_logging_config()),  # quiet `tsrec run`: WARNING
-    )
-    with restart_wait(res.restart_wait_s):
-        result = trainer.fit()
-    if getattr(result, "error", None) is not None:
-        raise result.error
+        {"cfg": cfg.to_dict(), "model": str(model_dir), "data": str(data_dir), "sids": str(sids_dir),
+         "semantics": str(semantics_file) if semantics_file else None, "artifacts": artifacts,
+         "storage_endpoint": endpoint},
+        res, name, storage, endpoint, cfg.rl.max_failures)
 
     with staging_dir(out_dir) as stage:
         fetched = stage / ".artifacts"

@@ -103,9 +103,6 @@ def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semant
     """Run SFT on Ray Train and collect its outputs in ``out_dir`` (the function ``tsrec sft`` calls).
 
     Resumes a run with the same identity (see the module doc); ``force`` starts it over instead."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from tsrec.sft.checkpoint import run_identity
 
     # --- 1. validate inputs before starting anything ---
@@ -136,26 +133,12 @@ def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semant
     if force:
         delete_tree(run_uri, endpoint)  # checkpoints and artifacts of this identity: nothing to resume from
     ensure_ray(cfg)
-    worker_resources = {"CPU": res.cpus_per_worker}
-    if res.gpus_per_worker > 0:
-        worker_resources["GPU"] = res.gpus_per_worker
-    trainer = TorchTrainer(
+    result = fit_trainer(
         _train_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "model": str(model_dir), "data": str(data_dir), "sids": str(sids_dir),
-                           "semantics": str(semantics_file) if semantics_file else None, "artifacts": artifacts,
-                           "storage_endpoint": endpoint},
-        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
-                                     resources_per_worker=worker_resources,
-                                     placement_strategy=res.placement_strategy),
-        run_config=RunConfig(name=name, **ray_storage(storage, endpoint),
-                             failure_config=failure_config(cfg.sft.max_failures, res.restart_wait_s),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             logging_config=train_logging_config()),  # quiet `tsrec run`: WARNING
-    )
-    with restart_wait(res.restart_wait_s):
-        result = trainer.fit()
-    if getattr(result, "error", None) is not None:
-        raise result.error
+        {"cfg": cfg.to_dict(), "model": str(model_dir), "data": str(data_dir), "sids": str(sids_dir),
+         "semantics": str(semantics_file) if semantics_file else None, "artifacts": artifacts,
+         "storage_endpoint": endpoint},
+        res, name, storage, endpoint, cfg.sft.max_failures)
 
     # --- 3. collect outputs (best model, else final) ---
     with staging_dir(out_dir) as stage:
@@ -177,6 +160,37 @@ def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semant
                        outputs=["metrics.csv", "summary.json"], stats=summary, seed=cfg.run.seed)
     return {"out": str(out_dir), **summary}
 
+
+
+def fit_trainer(worker, loop_config: dict[str, Any], res, name: str, storage: str, endpoint: str, max_failures: int):
+    """Build and run the ``TorchTrainer`` of a training stage (SFT, RL); returns its result, raises its error.
+
+    Workers and placement from ``res`` (``resources.sft`` / ``resources.rl``), checkpoints in ``storage``
+    under ``name`` (``ray_storage``: a custom S3 endpoint is handed over as a filesystem), ``max_failures``
+    lost worker groups restarted (``failure_config``, ``res.restart_wait_s``), two checkpoints kept, Ray
+    Train's INFO lines off the console of a quiet `tsrec run`.
+    """
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    worker_resources = {"CPU": res.cpus_per_worker}
+    if res.gpus_per_worker > 0:
+        worker_resources["GPU"] = res.gpus_per_worker
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
+                                     resources_per_worker=worker_resources, placement_strategy=res.placement_strategy),
+        run_config=RunConfig(name=name, **ray_storage(storage, endpoint),
+                             failure_config=failure_config(max_failures, res.restart_wait_s),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=train_logging_config()),  # quiet `tsrec run`: WARNING
+    )
+    with restart_wait(res.restart_wait_s):
+        result = trainer.fit()
+    if getattr(result, "error", None) is not None:
+        raise result.error
+    return result
 
 def _train_worker(config: dict[str, Any]) -> None:
     """Body of each Ray Train worker: the core loop with a Ray-backed context."""

@@ -295,7 +295,7 @@ def train_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, seman
         rows.append({"step": -1, "epoch": 0.0, **{f"eval/{k}": v for k, v in start.items()}, **attempt})
         _export(engine, tok, rl.zero_stage, rank, ctx, "best")
         if rank == 0:
-            print(f"[rl] SFT start on valid: " + " ".join(f"{k} {v:.4f}" for k, v in start.items()), flush=True)
+            print("[rl] SFT start on valid: " + " ".join(f"{k} {v:.4f}" for k, v in start.items()), flush=True)
 
     # --- 5. train ---
     order_cache: dict[int, np.ndarray] = {}
