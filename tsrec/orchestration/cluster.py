@@ -37,34 +37,40 @@ def ensure_ray(cfg: Config, log_dir: Path | None = None) -> None:
             init_kwargs = _local_state_api()
         if log_dir is not None:
             quiet_console(log_dir)  # before ray.init: a local cluster's workers inherit the environment
-        # Never pass num_cpus when joining a cluster (STACK.md 3.4).
-        ray.init(address=ray_address(cfg), configure_logging=False, **init_kwargs)
+        saved_api = os.environ.get(_API_ENV)
+        if "dashboard_port" in init_kwargs:
+            os.environ[_API_ENV] = f"http://127.0.0.1:{init_kwargs['dashboard_port']}"
+        try:
+            # Never pass num_cpus when joining a cluster (STACK.md 3.4).
+            ray.init(address=ray_address(cfg), configure_logging=False, **init_kwargs)
+        finally:
+            # The local cluster's processes have inherited it; this process goes back to what it had, so a later
+            # connection (another cluster, `ray job submit`) is not sent to this cluster's dashboard.
+            if saved_api is None:
+                os.environ.pop(_API_ENV, None)
+            else:
+                os.environ[_API_ENV] = saved_api
 
 
 _API_ENV = "RAY_API_SERVER_ADDRESS"
-_api_set_here = False
 
 
 def _local_state_api() -> dict:
-    """Pin a local cluster's dashboard (Ray's State API server) to a free port and name it in
-    ``RAY_API_SERVER_ADDRESS`` before ``ray.init``, so every process of the cluster inherits it.
+    """``ray.init`` keywords that pin a local cluster's dashboard (Ray's State API server) to a free port;
+    :func:`ensure_ray` names it in ``RAY_API_SERVER_ADDRESS`` while the cluster starts, so every process of
+    the cluster inherits it.
 
     Ray Train's PlacementGroupCleaner actor asks the State API every few seconds whether the run's
     controller still lives. Without an address it reads ``/tmp/ray/ray_current_cluster``, which an
     in-process local cluster does not write: it then dials whichever cluster ran there before, times out
-    and prints a 25-line ``RpcError`` traceback per trainer into the console of a healthy run. A value the
-    user set is kept.
+    and prints a 25-line ``RpcError`` traceback per trainer into the console of a healthy run (or, with an
+    address of another live cluster, would not find the controller and remove the run's placement group).
     """
     import socket
 
-    global _api_set_here
-    if _API_ENV in os.environ and not _api_set_here:
-        return {}
     with socket.socket() as s:  # a free port now; Ray binds it a moment later
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ[_API_ENV] = f"http://127.0.0.1:{port}"
-    _api_set_here = True
     return {"dashboard_port": port}
 
 

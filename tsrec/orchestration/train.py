@@ -161,7 +161,6 @@ def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semant
     return {"out": str(out_dir), **summary}
 
 
-
 def fit_trainer(worker, loop_config: dict[str, Any], res, name: str, storage: str, endpoint: str, max_failures: int):
     """Build and run the ``TorchTrainer`` of a training stage (SFT, RL); returns its result, raises its error.
 
@@ -191,6 +190,7 @@ def fit_trainer(worker, loop_config: dict[str, Any], res, name: str, storage: st
     if getattr(result, "error", None) is not None:
         raise result.error
     return result
+
 
 def _train_worker(config: dict[str, Any]) -> None:
     """Body of each Ray Train worker: the core loop with a Ray-backed context."""

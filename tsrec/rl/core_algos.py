@@ -452,6 +452,11 @@ def grouped_sequence_logprobs(lm, sequences: torch.Tensor, attention_mask: torch
     if cache is None:  # e.g. gradient checkpointing in training turns the cache off: the plain forward then
         raise ValueError("the decoder returned no KV cache (gradient checkpointing?): use sequence_logprobs")
     cache.batch_repeat_interleave(G)
+    # Only attention caches with per-layer key/value tensors repeat this way (a hybrid model's linear-attention
+    # or placeholder layers would not): check the batch size instead of decoding on a wrong cache.
+    if any(getattr(layer, "keys", None) is None or layer.keys.shape[0] != N for layer in getattr(cache, "layers", [None])):
+        raise ValueError(f"{type(cache).__name__} of this model does not repeat per group: set "
+                         "rl.shared_prompt_forward=false")
     mask = torch.cat([prompt_mask.repeat_interleave(G, 0), attention_mask[:, S - C :].to(dtype=torch.long)], dim=1)
     start = prompt_mask.sum(-1, keepdim=True).repeat_interleave(G, 0)
     positions = start + torch.arange(C, device=sequences.device)

@@ -65,7 +65,7 @@ from tsrec.sft import checkpoint as ckpt
 
 # `rl` keys that do not change what a step computes (as tsrec.sft.checkpoint.NON_IDENTITY_KEYS).
 NON_IDENTITY_KEYS = ("log_every_steps", "save_every_steps", "storage_path", "max_failures", "fail_at_step",
-                     "fail_marker", "max_steps")
+                     "fail_marker", "max_steps", "shared_prompt_forward")  # the last: same numbers, other speed
 EVAL_KS = (3, 5, 10)
 REF_DIR = "reference"
 
