@@ -114,6 +114,12 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def returned_cache(out):
+    """The KV cache a forward returned (``cache`` in transformers >= 5.2x, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
 class PaddingSideError(ValueError):
     """The prompt batch is not left-padded (a row has padding after its last token)."""
 
@@ -145,10 +151,7 @@ def _forward(model, cache_kw: str, input_ids, attention_mask, position_ids, cach
         return_dict=True,
         **kwargs,
     )
-    new_cache = getattr(out, "cache", None)
-    if new_cache is None:
-        new_cache = out.past_key_values
-    return out.logits[:, -1, :].float(), new_cache
+    return out.logits[:, -1, :].float(), returned_cache(out)
 
 
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, constraints: SidConstraints):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -29,36 +31,27 @@ def ensure_ray(cfg: Config, log_dir: Path | None = None) -> None:
     ``<log_dir>/ray.log`` instead of the console (:func:`quiet_console`).
     """
     if not ray.is_initialized():
-        init_kwargs = {}
-        if ray_address(cfg) == "local":
+        local = ray_address(cfg) == "local"
+        if local:
             # Ray Train's PreemptionWatcher watches for node preemption (spot instances); a local
             # in-process cluster has none, and creating it logs core_worker's max_restarts ERROR line.
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-            init_kwargs = _local_state_api()
         if log_dir is not None:
             quiet_console(log_dir)  # before ray.init: a local cluster's workers inherit the environment
-        saved_api = os.environ.get(_API_ENV)
-        if "dashboard_port" in init_kwargs:
-            os.environ[_API_ENV] = f"http://127.0.0.1:{init_kwargs['dashboard_port']}"
-        try:
+        with _local_state_api(local) as init_kwargs:
             # Never pass num_cpus when joining a cluster (STACK.md 3.4).
             ray.init(address=ray_address(cfg), configure_logging=False, **init_kwargs)
-        finally:
-            # The local cluster's processes have inherited it; this process goes back to what it had, so a later
-            # connection (another cluster, `ray job submit`) is not sent to this cluster's dashboard.
-            if saved_api is None:
-                os.environ.pop(_API_ENV, None)
-            else:
-                os.environ[_API_ENV] = saved_api
 
 
 _API_ENV = "RAY_API_SERVER_ADDRESS"
 
 
-def _local_state_api() -> dict:
-    """``ray.init`` keywords that pin a local cluster's dashboard (Ray's State API server) to a free port;
-    :func:`ensure_ray` names it in ``RAY_API_SERVER_ADDRESS`` while the cluster starts, so every process of
-    the cluster inherits it.
+@contextmanager
+def _local_state_api(local: bool):
+    """Around ``ray.init`` of a local cluster: pin its dashboard (Ray's State API server) to a free port
+    (the ``ray.init`` keywords it yields) and name it in ``RAY_API_SERVER_ADDRESS``, which every process of
+    the cluster inherits; afterwards this process gets its own value back, so a later connection (another
+    cluster, `ray job submit`) is not sent to this cluster's dashboard. Joining a cluster: nothing.
 
     Ray Train's PlacementGroupCleaner actor asks the State API every few seconds whether the run's
     controller still lives. Without an address it reads ``/tmp/ray/ray_current_cluster``, which an
@@ -66,12 +59,21 @@ def _local_state_api() -> dict:
     and prints a 25-line ``RpcError`` traceback per trainer into the console of a healthy run (or, with an
     address of another live cluster, would not find the controller and remove the run's placement group).
     """
-    import socket
-
+    if not local:
+        yield {}
+        return
     with socket.socket() as s:  # a free port now; Ray binds it a moment later
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return {"dashboard_port": port}
+    saved = os.environ.get(_API_ENV)
+    os.environ[_API_ENV] = f"http://127.0.0.1:{port}"
+    try:
+        yield {"dashboard_port": port}
+    finally:
+        if saved is None:
+            os.environ.pop(_API_ENV, None)
+        else:
+            os.environ[_API_ENV] = saved
 
 
 # Ray Data's actor pools default to max_restarts=-1 and hand every actor its map function and the

@@ -441,14 +441,13 @@ def grouped_sequence_logprobs(lm, sequences: torch.Tensor, attention_mask: torch
     prompts, prompt_mask = sequences[::G, : S - C], attention_mask[::G, : S - C].to(dtype=torch.long)
     if not torch.equal(prompts.repeat_interleave(G, 0), sequences[:, : S - C]):
         raise ValueError(f"the rows are not prompt-major groups of {G} identical prompts")
-    from tsrec.decode.beam import cache_keyword  # the decoder's cache argument: `cache` or `past_key_values`
+    from tsrec.decode.beam import cache_keyword, returned_cache  # transformers' `cache` / `past_key_values`
 
     completions = sequences[:, S - C :]
     decoder = lm.get_decoder()
     positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
     out = decoder(input_ids=prompts, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
-    cache = getattr(out, "cache", None)
-    cache = out.past_key_values if cache is None else cache
+    cache = returned_cache(out)
     if cache is None:  # e.g. gradient checkpointing in training turns the cache off: the plain forward then
         raise ValueError("the decoder returned no KV cache (gradient checkpointing?): use sequence_logprobs")
     cache.batch_repeat_interleave(G)
