@@ -189,3 +189,13 @@ def test_shared_prompt_forward_gives_the_steps_of_the_full_forward(ranking_seman
 def test_the_default_run_used_the_shared_prompt_forward(tiny, tmp_path, capfd):
     _train(tiny, tmp_path, "rl.max_steps=1", "rl.eval_every_steps=1", "rl.save_every_steps=1")
     assert "shared_prompt_forward=True" in capfd.readouterr().out
+
+
+def test_shared_prompt_forward_keeps_the_run_identity(tiny):
+    """A speed switch with the same numbers: a run started with it on resumes with it off (and back)."""
+    from tsrec.rl.loop import rl_identity
+
+    inputs = {"model": tiny["model"], "data": tiny["data"], "sids": tiny["sids"], "semantics": None}
+    on, off = (rl_identity(load_config(None, [*BASE, f"rl.shared_prompt_forward={v}"]), inputs, 2) for v in ("true", "false"))
+    assert on == off
+    assert rl_identity(load_config(None, [*BASE, "rl.lr=2e-3"]), inputs, 2) != on  # a key that changes the steps does
