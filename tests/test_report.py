@@ -55,7 +55,7 @@ def run_dir(tmp_path_factory):
     write_manifest(sft, "sft", cfg, stats={"steps": 8, "final_train_loss": 0.625, "final_val_loss": 0.6875})
 
     rl = root / "rl"
-    from tsrec.rl.loop import plot_rl, valid_progress
+    from tsrec.rl.logs import plot_rl, valid_progress
 
     rl_rows = [{"step": -1, "eval/ndcg@10": 0.25}, *({"step": s, "rollout/reward_mean": 0.1 * s, "train/kl": 0.001 * s,
                                                     **({"eval/ndcg@10": 0.25 + 0.01 * s} if s % 2 else {})}

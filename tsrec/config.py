@@ -431,11 +431,10 @@ class TuneSchedulerConfig:
 
 
 @dataclass
-class TuneResourcesConfig:
-    # Per trial: a Ray Train group of `workers`, plus the trial's driver function (a small CPU share, STACK.md 4).
+class TuneResourcesConfig(TrainResources):
+    # Per trial: a Ray Train group of `workers` (placed and restarted like SFT's: placement_strategy,
+    # restart_wait_s), plus the trial's driver function (a small CPU share, STACK.md 4).
     workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
     driver_cpus: float = 0.05
 
 

@@ -140,7 +140,7 @@ def collect_sft(root: Path) -> tuple[list[dict], dict[str, Any] | None]:
     man = _manifest(d)
     if man is None:
         return [], None
-    from tsrec.sft.checkpoint import read_metrics_csv
+    from tsrec.train.metrics import read_metrics_csv
 
     return read_metrics_csv(d / "metrics.csv"), man.get("stats", {})
 

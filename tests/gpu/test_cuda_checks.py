@@ -116,16 +116,11 @@ def test_sft_on_cuda_reports_mfu(tmp_path, monkeypatch):
     pytest.importorskip("deepspeed")
     from tsrec.config import load_config
     from tsrec.runtime import LocalContext
-    from tsrec.sft import loop
-    from tsrec.sft.checkpoint import read_metrics_csv, write_metrics_csv
     from tsrec.sft.loop import train_sft
+    from tsrec.train.metrics import read_metrics_csv
 
-    if importlib.util.find_spec("tensorboard") is None or importlib.util.find_spec("matplotlib") is None:
-        # The lent GPU image has neither (and they do not fit the carry limit beside Ray): keep the
-        # metrics.csv part of the log writer, which is what this test reads.
-        monkeypatch.setattr(loop, "write_logs", lambda rows, d: (Path(d).mkdir(parents=True, exist_ok=True),
-                                                                 write_metrics_csv(Path(d) / "metrics.csv", rows)))
-
+    # The lent GPU image has neither tensorboard nor matplotlib: the log writer then writes metrics.csv
+    # alone, which is what this test reads.
     tiny = _sft_synth().make_tiny_run(tmp_path / "tiny", hidden_size=256)
     cfg = load_config(None, ["sft.global_batch_size=8", "sft.micro_batch_size=4", "sft.lr=3e-3", "sft.warmup_steps=1",
                              "sft.zero_stage=2", "sft.precision=bf16", "sft.max_steps=4", "sft.eval_every_steps=4",

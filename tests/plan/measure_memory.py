@@ -53,14 +53,15 @@ def measure(out_dir: str, stage: int) -> None:
     import deepspeed
 
     from tsrec.config import load_config
-    from tsrec.sft.loop import SftLM, deepspeed_config
+    from tsrec.sft.loop import SftLM, engine_spec
+    from tsrec.train.engine import deepspeed_config
     from tsrec.sft.packing import IGNORE, Batch
     from tsrec.tiny import build_tiny_model
 
     rank = int(os.environ["RANK"])
     cfg = load_config(None, [f"sft.zero_stage={stage}", "sft.precision=bf16", f"sft.micro_batch_size={MICRO}",
                              f"sft.global_batch_size={MICRO * 2}"])
-    ds = deepspeed_config(cfg.sft, world_size=2)
+    ds = deepspeed_config(engine_spec(cfg.sft, world_size=2), world_size=2)
     gc.collect()
     before = live_storages()
     # ZeRO-3 partitions the (tiny) model in deepspeed.initialize; zero.Init is not needed at this size.

@@ -17,12 +17,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sft"))
 from sft_synth import make_tiny_run  # noqa: E402
 from tsrec.config import load_config, save_config  # noqa: E402
-from tsrec.sft.checkpoint import read_metrics_csv  # noqa: E402
+from tsrec.train.metrics import read_metrics_csv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = {"lora": REPO / "configs" / "industrial_qwen2.5-7b-lora.yaml",
            "zero3": REPO / "configs" / "industrial_qwen2.5-7b-zero3.yaml"}
-# What the configs promise (README "Scaling to 7B+"); the run below keeps these keys.
+# What the configs promise (docs/scaling.md, "Scaling to 7B+"); the run below keeps these keys.
 PROMISED = {"lora": {"zero_stage": 2, "lora": True, "workers": 1, "gpus": 1.0},
             "zero3": {"zero_stage": 3, "lora": False, "workers": 16, "gpus": 1.0}}
 TINY = ["sft.max_steps=2", "sft.global_batch_size=8", "sft.micro_batch_size=4", "sft.eval_every_steps=2",

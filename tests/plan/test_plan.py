@@ -1,7 +1,7 @@
 """`tsrec plan` against measurements: two H200 facts, and per-rank memory of a tiny Qwen2 under DeepSpeed
 ZeRO 0/2/3 with 2 CPU workers (tests/plan/measure_memory.py), plus the CLI's JSON, --write and errors.
 
-Tolerances (README "Scaling to 7B+"):
+Tolerances (docs/results.md, "Memory planner against measurements"):
 - model states (weights + gradients + optimizer): DeepSpeed's estimate is an upper bound (it counts the
   16-bit gradient partition, which DeepSpeed frees before the optimizer runs), so predicted is within
   [0.98, 1.15] x measured (the 2% below: small bookkeeping tensors, scheduler and step counters);

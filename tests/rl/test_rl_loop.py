@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sft"))
 from sft_synth import make_tiny_run  # noqa: E402
 from tsrec.config import load_config  # noqa: E402
 from tsrec.rl.core_algos import DegenerateRolloutError  # noqa: E402
-from tsrec.sft.checkpoint import read_metrics_csv  # noqa: E402
+from tsrec.train.metrics import read_metrics_csv  # noqa: E402
 
 BASE = ["rl.group_size=4", "rl.prompts_per_step=8", "rl.prompts_per_micro=4", "rl.max_steps=4", "rl.lr=1e-3",
         "rl.warmup_ratio=0", "rl.eval_every_steps=2", "rl.save_every_steps=2", "rl.valid_sample_size=16",
@@ -75,7 +75,7 @@ def test_final_export_reproduces_the_last_valid_metric(ranking_semantic, tiny):
     from tsrec.decode.beam import constrained_beam_search, left_pad
     from tsrec.decode.constraints import SidConstraints
     from tsrec.decode.evaluate import load_model
-    from tsrec.rl.loop import _valid_prompts
+    from tsrec.train.ranking import valid_ranking_rows
     from tsrec.sid.index import read_index
 
     out, result = ranking_semantic
@@ -83,7 +83,7 @@ def test_final_export_reproduces_the_last_valid_metric(ranking_semantic, tiny):
     model, tok = load_model(out / "final", "float32", "cpu")
     index = read_index(tiny["sids"])
     cons = SidConstraints.from_index(index, tok)
-    valid = _valid_prompts(cfg, tiny["data"], index, tok)
+    valid = valid_ranking_rows(cfg, tiny["data"], index, tok, cfg.rl.valid_sample_size)
     ndcg = 0.0
     for i in range(0, len(valid), 8):
         chunk = valid[i : i + 8]
@@ -130,7 +130,7 @@ def test_prompts_per_step_must_split_over_micro_batches(tiny, tmp_path):
 
 def test_valid_progress_compares_the_start_with_the_best():
     """Start = the step -1 row; steps are counted as RL steps done; ties keep the earliest best."""
-    from tsrec.rl.loop import progress_line, valid_progress
+    from tsrec.rl.logs import progress_line, valid_progress
 
     rows = [{"step": -1, "eval/ndcg@10": 0.20}, {"step": 0, "train/loss": 1.0}, {"step": 1, "eval/ndcg@10": 0.19},
             {"step": 3, "eval/ndcg@10": 0.25}, {"step": 5, "eval/ndcg@10": 0.25}]

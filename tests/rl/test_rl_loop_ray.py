@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sft"))
 
 from sft_synth import assert_resumed_after, make_tiny_run  # noqa: E402
 from tsrec.config import load_config  # noqa: E402
-from tsrec.sft.checkpoint import read_metrics_csv  # noqa: E402
+from tsrec.train.metrics import read_metrics_csv  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

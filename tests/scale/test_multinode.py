@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sft"))
 from sft_synth import assert_resumed_after, make_tiny_run  # noqa: E402
 from tsrec.config import load_config  # noqa: E402
-from tsrec.sft.checkpoint import read_metrics_csv  # noqa: E402
+from tsrec.train.metrics import read_metrics_csv  # noqa: E402
 
 # slow: 5 min 20 s for the module on the loaded 2-core machine (cluster start + baseline 147 s, node loss 96 s,
 # S3 61 s); run with `pytest -m slow tests/scale`.

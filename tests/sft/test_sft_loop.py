@@ -11,7 +11,8 @@ from sft_synth import assert_resumed_after, make_tiny_run
 from shared_data import assert_greedy_generate
 from tsrec.config import load_config
 from tsrec.runtime import LocalContext
-from tsrec.sft.checkpoint import CheckpointMismatchError, read_metrics_csv
+from tsrec.train.checkpoint import CheckpointMismatchError
+from tsrec.train.metrics import read_metrics_csv
 from tsrec.sft.loop import train_sft
 
 BASE = ["sft.global_batch_size=8", "sft.micro_batch_size=4", "sft.lr=3e-3", "sft.warmup_steps=2", "sft.zero_stage=2",

@@ -22,7 +22,7 @@ import pytest
 
 from sft_synth import make_tiny_run
 from tsrec.config import load_config, save_config
-from tsrec.sft.checkpoint import read_metrics_csv
+from tsrec.train.metrics import read_metrics_csv
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

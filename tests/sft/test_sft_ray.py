@@ -14,7 +14,7 @@ import torch
 from sft_synth import assert_resumed_after, make_tiny_run
 from shared_data import assert_greedy_generate
 from tsrec.config import load_config
-from tsrec.sft.checkpoint import read_metrics_csv
+from tsrec.train.metrics import read_metrics_csv
 
 pytestmark = pytest.mark.ray
 

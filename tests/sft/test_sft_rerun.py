@@ -14,7 +14,7 @@ import pytest
 
 from sft_synth import make_tiny_run
 from tsrec.cli import main
-from tsrec.sft.checkpoint import read_metrics_csv
+from tsrec.train.metrics import read_metrics_csv
 
 pytestmark = pytest.mark.ray
 

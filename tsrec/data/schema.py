@@ -69,3 +69,16 @@ def read_split(data_dir: str | Path, split: str) -> pa.Table:
 
 def read_dataset(data_dir: str | Path) -> Dataset:
     return Dataset(read_items(data_dir), {s: read_split(data_dir, s) for s in SPLITS})
+
+
+def split_rows(table) -> list[tuple[list[int], int]]:
+    """``(history item ids, target item id)`` per row of a split table (SFT and RL read splits alike)."""
+    return list(zip(table.column("history_item_ids").to_pylist(), table.column("item_id").to_pylist()))
+
+
+def item_sid(index, item_id: int, source: Path, row: int) -> str:
+    """The SID of ``item_id``; an item missing from the index is an ``InputError`` naming the file and row."""
+    try:
+        return index.sid(item_id)
+    except KeyError:
+        raise InputError(source, f"item {item_id} has no SID in the index", row=row, field="item_id") from None

@@ -152,6 +152,29 @@ def _up_to_date(cfg: Config, stage: str, stage_dir: Path) -> bool:
     return found.get("config_sha256") == _config_hash(cfg, stage) and found.get("manifest_sha256") == _manifest_sha(stage_dir)
 
 
+def run_stage(cfg: Config, name: str, root: Path, force: bool = False, log: Callable[[str], None] = print,
+              tag: str = "tsrec run") -> tuple[dict, float | None]:
+    """One pipeline stage into ``root / STAGE_DIRS[name]``, skipped when up to date (:func:`_up_to_date`)
+    unless ``force``. Returns its stats and its seconds (None when skipped). `tsrec run` runs every
+    stage through it, `tsrec tune` the stages upstream of its trials."""
+    stage_dir = root / STAGE_DIRS[name]
+    if not force and _up_to_date(cfg, name, stage_dir):
+        log(f"[{tag}] {name}: up to date in {stage_dir}, skipped")
+        return {"skipped": True, **read_manifest(stage_dir).get("stats", {})}, None
+    log(f"[{tag}] {name}: running -> {stage_dir}")
+    t0 = time.perf_counter()
+    # --force must not resume a half-done or finished training run: it starts that run over.
+    result = (STAGES[name](cfg, root, force=True) if force and name in ("sft", "rl") else STAGES[name](cfg, root)) or {}
+    seconds = round(time.perf_counter() - t0, 2)
+    atomic_write_json(stage_dir / MARKER, {"stage": name, "config_sha256": _config_hash(cfg, name),
+                                           "manifest_sha256": _manifest_sha(stage_dir), "seconds": seconds})
+    log(f"[{tag}] {name}: done in {seconds} s")
+    if name == "semantics" and result.get("tokens_requested"):  # METHOD.md 1.4 contract outcome
+        log(f"[{tag}] semantics: {result['ok']}/{result['tokens_requested']} tokens with valid semantics "
+            f"({result['valid_share']:.1%}); the rest are initialised without them (tsrec model init)")
+    return result, seconds
+
+
 def run_pipeline(cfg: Config, force: bool = False, log: Callable[[str], None] = print, verbose: bool = False) -> dict:
     """Run ``cfg.pipeline.stages`` in order; returns ``{stage: stats}`` and writes ``pipeline.json``,
     ``report.md`` / ``report.html``, and ends with the summary (metrics table, report path) on ``log``.
@@ -168,23 +191,9 @@ def run_pipeline(cfg: Config, force: bool = False, log: Callable[[str], None] = 
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
     for name in cfg.pipeline.stages:
-        stage_dir = root / STAGE_DIRS[name]
-        if not force and _up_to_date(cfg, name, stage_dir):
-            log(f"[tsrec run] {name}: up to date in {stage_dir}, skipped")
-            results[name] = {"skipped": True, **read_manifest(stage_dir).get("stats", {})}
-            continue
-        log(f"[tsrec run] {name}: running -> {stage_dir}")
-        t0 = time.perf_counter()
-        # --force must not resume a half-done or finished SFT run: it starts that run over.
-        results[name] = (STAGES[name](cfg, root, force=True) if force and name in ("sft", "rl") else STAGES[name](cfg, root)) or {}
-        timings[name] = round(time.perf_counter() - t0, 2)
-        atomic_write_json(stage_dir / MARKER, {"stage": name, "config_sha256": _config_hash(cfg, name),
-                                               "manifest_sha256": _manifest_sha(stage_dir), "seconds": timings[name]})
-        log(f"[tsrec run] {name}: done in {timings[name]} s")
-        if name == "semantics" and results[name].get("tokens_requested"):  # METHOD.md 1.4 contract outcome
-            r = results[name]
-            log(f"[tsrec run] semantics: {r['ok']}/{r['tokens_requested']} tokens with valid semantics "
-                f"({r['valid_share']:.1%}); the rest are initialised without them (tsrec model init)")
+        results[name], seconds = run_stage(cfg, name, root, force=force, log=log)
+        if seconds is not None:
+            timings[name] = seconds
     summary = {"out_dir": str(root), "stages": results, "timing_s": timings}
     atomic_write_json(root / "pipeline.json", json.loads(json.dumps(summary, default=str)))
     from tsrec.report import console_summary, write_report

@@ -3,8 +3,8 @@
     tsrec rl --config configs/demo.yaml
     ray job submit --working-dir . -- python jobs/rl.py --config configs/industrial_qwen2.5-1.5b-rl.yaml
 
-Built like ``tsrec.orchestration.train.run_sft`` (its context and storage helpers are reused): workers
-from ``resources.rl``; checkpoints under ``rl.storage_path`` (empty = ``<out>/ray``) in the run folder
+Built like ``tsrec.orchestration.train.run_sft`` (the same ``fit_trainer``, input checks and output
+collection): workers from ``resources.rl``; checkpoints under ``rl.storage_path`` (empty = ``<out>/ray``) in the run folder
 ``<run.name>-rl-<identity>``; ``FailureConfig(max_failures=rl.max_failures)``: a dead worker takes the
 group down and every worker resumes from the last reported checkpoint (model, optimizer, scheduler,
 data position, RNG, guard state, reference weights). Rerunning with the same identity resumes; ``force``
@@ -18,67 +18,42 @@ never beat it on valid NDCG@10), ``metrics.csv``, ``rl.png``, ``tensorboard/``, 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from tsrec.artifacts import InputError, staging_dir, write_manifest
-from tsrec.config import Config, config_from_manifest_dict
-from tsrec.orchestration.cluster import ensure_ray
-from tsrec.orchestration.train import RayTrainContext, copy_tree, delete_tree, fit_trainer
+from tsrec.artifacts import staging_dir, write_manifest
+from tsrec.config import Config
+from tsrec.orchestration.train import check_inputs, collect_outputs, launch, run_in_worker
 
 
 def run_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semantics_file: Path | None,
            out_dir: Path, force: bool = False) -> dict[str, Any]:
     """Run RL on Ray Train and collect its outputs in ``out_dir`` (what ``tsrec rl`` calls)."""
+    from tsrec.rl.logs import progress_line
     from tsrec.rl.loop import rl_identity
 
+    # --- 1. validate inputs before starting anything ---
     model_dir, data_dir, sids_dir, out_dir = (Path(p).resolve() for p in (model_dir, data_dir, sids_dir, out_dir))
-    for path, what in ((model_dir / "config.json", "model folder (the SFT model/)"),
-                       (data_dir / "train.parquet", "data folder (tsrec data prepare)"),
-                       (sids_dir / "index.json", "SID folder (tsrec sid build)")):
-        if not path.exists():
-            raise InputError(path, f"missing: expected a {what}")
-    if "semantic" in cfg.rl.reward:
-        if semantics_file is None or not Path(semantics_file).exists():
-            raise InputError(semantics_file or "<none>", f"teacher file needed by rl.reward={cfg.rl.reward}; run "
-                             "`tsrec semantics extract` or set rl.reward=ranking")
-        semantics_file = Path(semantics_file).resolve()
-    else:
-        semantics_file = None
+    semantics_file = check_inputs(
+        [(model_dir / "config.json", "model folder (the SFT model/)"),
+         (data_dir / "train.parquet", "data folder (tsrec data prepare)"),
+         (sids_dir / "index.json", "SID folder (tsrec sid build)")],
+        semantics_file, "semantic" in cfg.rl.reward,
+        f"teacher file needed by rl.reward={cfg.rl.reward}; run `tsrec semantics extract` or set rl.reward=ranking")
 
-    res = cfg.resources.rl
-    identity = rl_identity(cfg, {"model": model_dir, "data": data_dir, "sids": sids_dir, "semantics": semantics_file},
-                           res.workers)
-    name = f"{cfg.run.name}-rl-{identity}"
-    storage = cfg.rl.storage_path or str(out_dir / "ray")
-    endpoint = cfg.run.storage_endpoint
-    run_uri = f"{storage.rstrip('/')}/{name}"
-    artifacts = f"{run_uri}/artifacts"
-    if force:
-        delete_tree(run_uri, endpoint)
-    ensure_ray(cfg)
-    result = fit_trainer(
-        _rl_worker,
-        {"cfg": cfg.to_dict(), "model": str(model_dir), "data": str(data_dir), "sids": str(sids_dir),
-         "semantics": str(semantics_file) if semantics_file else None, "artifacts": artifacts,
-         "storage_endpoint": endpoint},
-        res, name, storage, endpoint, cfg.rl.max_failures)
+    # --- 2. trainer ---
+    inputs = {"model": model_dir, "data": data_dir, "sids": sids_dir, "semantics": semantics_file}
+    identity = rl_identity(cfg, inputs, cfg.resources.rl.workers)
+    run, result = launch(cfg, "rl", rl_worker, identity, inputs, cfg.resources.rl, cfg.rl.storage_path,
+                         cfg.rl.max_failures, out_dir, force)
 
+    # --- 3. collect outputs (best on valid, else final) ---
     with staging_dir(out_dir) as stage:
-        fetched = stage / ".artifacts"
-        copy_tree(artifacts, str(fetched), endpoint)
-        chosen = "best" if (fetched / "best" / "config.json").exists() else "final"
-        shutil.move(str(fetched / chosen), stage / "model")
-        for item in (fetched / "logs").iterdir():
-            shutil.move(str(item), stage / item.name)
-        shutil.rmtree(fetched)
+        chosen = collect_outputs(run.artifacts, run.endpoint, stage)
         summary = summarize_rl(stage / "metrics.csv")
-        summary.update(model=chosen, storage=storage, name=name, identity=identity,
+        summary.update(model=chosen, storage=run.storage, name=run.name, identity=identity,
                        checkpoint=str(result.checkpoint.path) if result.checkpoint else None)
         (stage / "summary.json").write_text(json.dumps(summary, indent=2))
-        from tsrec.rl.loop import progress_line
-
         print(f"[tsrec rl] {cfg.rl.reward}: {progress_line(summary)}", flush=True)
         write_manifest(stage, "rl", cfg, inputs={"model": model_dir, "data": data_dir, "sids": sids_dir,
                                                  **({"semantics": semantics_file} if semantics_file else {})},
@@ -86,24 +61,18 @@ def run_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semanti
     return {"out": str(out_dir), **summary}
 
 
-def _rl_worker(config: dict[str, Any]) -> None:
-    """Body of each Ray Train worker: the RL loop with a Ray-backed context."""
+def rl_worker(config: dict[str, Any]) -> None:
+    """A Ray Train worker of an RL run: the RL recipe with a Ray-backed context."""
     from tsrec.rl.loop import train_rl
 
-    cfg = config_from_manifest_dict(config["cfg"])
-    ctx = RayTrainContext(config["artifacts"], storage_endpoint=config.get("storage_endpoint", ""))
-    sem = Path(config["semantics"]) if config["semantics"] else None
-    try:
-        train_rl(cfg, Path(config["model"]), Path(config["data"]), Path(config["sids"]), sem, ctx)
-    finally:
-        ctx.close()
+    run_in_worker(train_rl, config)
 
 
 def summarize_rl(metrics_csv: Path) -> dict[str, Any]:
-    """Steps, the SFT start vs the best valid NDCG@10 (``tsrec.rl.loop.valid_progress``), the last valid
+    """Steps, the SFT start vs the best valid NDCG@10 (``tsrec.rl.logs.valid_progress``), the last valid
     metrics, last reward and KL from ``metrics.csv``."""
-    from tsrec.rl.loop import valid_progress
-    from tsrec.sft.checkpoint import read_metrics_csv
+    from tsrec.rl.logs import valid_progress
+    from tsrec.train.metrics import read_metrics_csv
 
     rows = read_metrics_csv(metrics_csv)
     steps = [r for r in rows if r["step"] >= 0]  # row -1 is the SFT start (valid metrics only)

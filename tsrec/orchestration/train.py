@@ -1,4 +1,5 @@
-"""SFT on Ray Train: a ``TorchTrainer`` around ``tsrec.sft.loop.train_sft`` (METHOD.md 1.6, R5).
+"""SFT on Ray Train: a ``TorchTrainer`` around ``tsrec.sft.loop.train_sft`` (METHOD.md 1.6, R5), and
+:func:`fit_trainer`, the one place that builds a ``TorchTrainer`` (SFT, RL, every Tune trial).
 
     tsrec sft --config configs/sft_demo.yaml
     ray job submit --working-dir . -- python jobs/sft.py --config configs/industrial_qwen2.5-1.5b.yaml
@@ -9,7 +10,7 @@ run name ``<run.name>-sft-<identity>``. ``FailureConfig(max_failures=sft.max_fai
 dies takes the group down, Ray Train restarts it and every worker resumes from the last reported
 checkpoint (model, optimizer, scheduler, data position, RNG), so the loss curve continues where it stopped.
 
-The identity (``tsrec.sft.checkpoint.run_identity``) hashes the resolved ``sft`` config (minus log/save
+The identity (``tsrec.sft.loop.sft_identity``) hashes the resolved ``sft`` config (minus log/save
 cadence, storage, fault-tolerance keys and ``max_steps``), ``prompts``, the seed, the worker count and
 fingerprints of the inputs. Rerunning the same command with the same identity resumes (Ray 2.60 has no
 ``resume_from_checkpoint``; STACK.md 3.3); a changed config or input gets another run folder and starts
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,56 +105,31 @@ def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semant
     """Run SFT on Ray Train and collect its outputs in ``out_dir`` (the function ``tsrec sft`` calls).
 
     Resumes a run with the same identity (see the module doc); ``force`` starts it over instead."""
-    from tsrec.sft.checkpoint import run_identity
-
     # --- 1. validate inputs before starting anything ---
     model_dir, data_dir, sids_dir, out_dir = (Path(p).resolve() for p in (model_dir, data_dir, sids_dir, out_dir))
-    for path, what in ((model_dir / "config.json", "model folder (tsrec model init)"),
-                       (data_dir / "train.parquet", "data folder (tsrec data prepare)")):
-        if not path.exists():
-            raise InputError(path, f"missing: expected a {what}")
-    if not sids_dir.exists():
-        raise InputError(sids_dir, "missing: expected a SID folder (tsrec sid build)")
-    if cfg.sft.use_ts_align:
-        if semantics_file is None or not Path(semantics_file).exists():
-            raise InputError(semantics_file or "<none>", "teacher file for TS-Align missing; run `tsrec semantics "
-                             "extract` or set sft.use_ts_align=false")
-        semantics_file = Path(semantics_file).resolve()
-    else:
-        semantics_file = None
+    semantics_file = check_inputs(
+        [(model_dir / "config.json", "model folder (tsrec model init)"),
+         (data_dir / "train.parquet", "data folder (tsrec data prepare)"),
+         (sids_dir, "SID folder (tsrec sid build)")],
+        semantics_file, cfg.sft.use_ts_align,
+        "teacher file for TS-Align missing; run `tsrec semantics extract` or set sft.use_ts_align=false")
 
     # --- 2. trainer ---
-    res = cfg.resources.sft
-    identity = run_identity(cfg, {"model": model_dir, "data": data_dir, "sids": sids_dir, "semantics": semantics_file},
-                            res.workers)
-    name = f"{cfg.run.name}-sft-{identity}"
-    storage = cfg.sft.storage_path or str(out_dir / "ray")
-    endpoint = cfg.run.storage_endpoint
-    run_uri = f"{storage.rstrip('/')}/{name}"
-    artifacts = f"{run_uri}/artifacts"
-    if force:
-        delete_tree(run_uri, endpoint)  # checkpoints and artifacts of this identity: nothing to resume from
-    ensure_ray(cfg)
-    result = fit_trainer(
-        _train_worker,
-        {"cfg": cfg.to_dict(), "model": str(model_dir), "data": str(data_dir), "sids": str(sids_dir),
-         "semantics": str(semantics_file) if semantics_file else None, "artifacts": artifacts,
-         "storage_endpoint": endpoint},
-        res, name, storage, endpoint, cfg.sft.max_failures)
+    from tsrec.sft.loop import sft_identity
+
+    inputs = {"model": model_dir, "data": data_dir, "sids": sids_dir, "semantics": semantics_file}
+    identity = sft_identity(cfg, inputs, cfg.resources.sft.workers)
+    run, result = launch(cfg, "sft", sft_worker, identity, inputs, cfg.resources.sft, cfg.sft.storage_path,
+                         cfg.sft.max_failures, out_dir, force)
 
     # --- 3. collect outputs (best model, else final) ---
     with staging_dir(out_dir) as stage:
-        fetched = stage / ".artifacts"
-        copy_tree(artifacts, str(fetched), endpoint)
-        chosen = "best" if (fetched / "best" / "config.json").exists() else "final"
-        shutil.move(str(fetched / chosen), stage / "model")
-        for item in (fetched / "logs").iterdir():
-            shutil.move(str(item), stage / item.name)
-        workers = sorted((json.loads(p.read_text()) for p in (fetched / "workers").glob("*.json")),
+        chosen = collect_outputs(run.artifacts, run.endpoint, stage)
+        workers = sorted((json.loads(p.read_text()) for p in (stage / ".workers").glob("*.json")),
                          key=lambda r: (r["started_at"], r["rank"]))
-        shutil.rmtree(fetched)
+        shutil.rmtree(stage / ".workers", ignore_errors=True)
         summary = summarize(stage / "metrics.csv")
-        summary.update(model=chosen, storage=storage, name=name, identity=identity, checkpoint=str(result.checkpoint.path) if result.checkpoint else None)
+        summary.update(model=chosen, storage=run.storage, name=run.name, identity=identity, checkpoint=str(result.checkpoint.path) if result.checkpoint else None)
         summary["workers"] = workers  # every worker of every attempt: rank, Ray node id, host, pid
         (stage / "summary.json").write_text(json.dumps(summary, indent=2))
         write_manifest(stage, "sft", cfg, inputs={"model": model_dir, "data": data_dir, "sids": sids_dir,
@@ -161,13 +138,88 @@ def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semant
     return {"out": str(out_dir), **summary}
 
 
-def fit_trainer(worker, loop_config: dict[str, Any], res, name: str, storage: str, endpoint: str, max_failures: int):
-    """Build and run the ``TorchTrainer`` of a training stage (SFT, RL); returns its result, raises its error.
+def check_inputs(required: list[tuple[Path, str]], semantics_file: Path | None, needs_semantics: bool,
+                 missing_semantics: str) -> Path | None:
+    """InputError for the first missing input (the path and what was expected there), before any worker
+    starts; returns the teacher file resolved when the run reads it, else None (not part of its identity)."""
+    for path, what in required:
+        if not path.exists():
+            raise InputError(path, f"missing: expected a {what}")
+    if not needs_semantics:
+        return None
+    if semantics_file is None or not Path(semantics_file).exists():
+        raise InputError(semantics_file or "<none>", missing_semantics)
+    return Path(semantics_file).resolve()
 
-    Workers and placement from ``res`` (``resources.sft`` / ``resources.rl``), checkpoints in ``storage``
-    under ``name`` (``ray_storage``: a custom S3 endpoint is handed over as a filesystem), ``max_failures``
-    lost worker groups restarted (``failure_config``, ``res.restart_wait_s``), two checkpoints kept, Ray
-    Train's INFO lines off the console of a quiet `tsrec run`.
+
+@dataclass(frozen=True)
+class TrainRun:
+    """Where a Ray Train run lives: ``<storage>/<name>`` (checkpoints) and its ``artifacts/``."""
+
+    name: str  # <run.name>-<stage>-<identity>
+    storage: str  # a local path or an object-store URI
+    endpoint: str  # run.storage_endpoint for s3:// URIs
+
+    @property
+    def artifacts(self) -> str:
+        return artifacts_uri(self.storage, self.name)
+
+
+def launch(cfg: Config, stage: str, worker, identity: str, inputs: dict[str, Path | None], res, storage_path: str,
+           max_failures: int, out_dir: Path, force: bool) -> tuple[TrainRun, Any]:
+    """Run a training stage's ``TorchTrainer`` under the run name of its identity (the same identity
+    resumes; ``force`` deletes that run first, so it starts over); returns the run and Ray's result."""
+    run = TrainRun(f"{cfg.run.name}-{stage}-{identity}", storage_path or str(out_dir / "ray"), cfg.run.storage_endpoint)
+    if force:
+        delete_tree(run_uri(run.storage, run.name), run.endpoint)  # checkpoints and artifacts: nothing to resume from
+    ensure_ray(cfg)
+    loop = loop_config(cfg, inputs["model"], inputs["data"], inputs["sids"], inputs["semantics"], run.artifacts, run.endpoint)
+    return run, fit_trainer(worker, loop, res, run.name, run.storage, run.endpoint, max_failures)
+
+
+def run_uri(storage: str, name: str) -> str:
+    """The folder (or object-store prefix) of a Ray Train run: its checkpoints and ``artifacts/``."""
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def artifacts_uri(storage: str, name: str) -> str:
+    """Where a run's workers put its ``best/``, ``final/``, ``logs/`` and placement records."""
+    return f"{run_uri(storage, name)}/artifacts"
+
+
+def loop_config(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semantics_file: Path | None,
+                artifacts: str, endpoint: str) -> dict[str, Any]:
+    """What a training worker receives (``train_loop_config``): the resolved config and its inputs."""
+    return {"cfg": cfg.to_dict(), "model": str(model_dir), "data": str(data_dir), "sids": str(sids_dir),
+            "semantics": str(semantics_file) if semantics_file else None, "artifacts": artifacts,
+            "storage_endpoint": endpoint}
+
+
+def collect_outputs(artifacts: str, endpoint: str, stage: Path) -> str:
+    """A finished run's artifacts into the stage folder: ``model/`` (``best``, else ``final``), the logs'
+    files, and the workers' placement records in ``.workers/`` (when any). Returns the model chosen."""
+    fetched = stage / ".artifacts"
+    copy_tree(artifacts, str(fetched), endpoint)
+    chosen = "best" if (fetched / "best" / "config.json").exists() else "final"
+    shutil.move(str(fetched / chosen), stage / "model")
+    for item in (fetched / "logs").iterdir():
+        shutil.move(str(item), stage / item.name)
+    if (fetched / "workers").exists():
+        shutil.move(str(fetched / "workers"), stage / ".workers")
+    shutil.rmtree(fetched)
+    return chosen
+
+
+def fit_trainer(worker, loop_config: dict[str, Any], res, name: str, storage: str, endpoint: str, max_failures: int,
+                callbacks: list | None = None):
+    """Build and run the ``TorchTrainer`` of a training run (SFT, RL, a Tune trial); returns its result,
+    raises its error.
+
+    Workers and placement from ``res`` (``resources.sft`` / ``resources.rl`` / ``tune.resources``),
+    checkpoints in ``storage`` under ``name`` (``ray_storage``: a custom S3 endpoint is handed over as a
+    filesystem), ``max_failures`` lost worker groups restarted (``failure_config``, ``res.restart_wait_s``),
+    two checkpoints kept, Ray Train's INFO lines off the console of a quiet `tsrec run`; ``callbacks`` (a
+    Tune trial's report callback) go to the run config.
     """
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -180,7 +232,8 @@ def fit_trainer(worker, loop_config: dict[str, Any], res, name: str, storage: st
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
                                      resources_per_worker=worker_resources, placement_strategy=res.placement_strategy),
-        run_config=RunConfig(name=name, **ray_storage(storage, endpoint),
+        # Same name + storage on a rerun (or a restored sweep): Ray Train resumes from the last checkpoint.
+        run_config=RunConfig(name=name, **ray_storage(storage, endpoint), callbacks=callbacks,
                              failure_config=failure_config(max_failures, res.restart_wait_s),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              logging_config=train_logging_config()),  # quiet `tsrec run`: WARNING
@@ -192,23 +245,30 @@ def fit_trainer(worker, loop_config: dict[str, Any], res, name: str, storage: st
     return result
 
 
-def _train_worker(config: dict[str, Any]) -> None:
-    """Body of each Ray Train worker: the core loop with a Ray-backed context."""
-    from tsrec.sft.loop import train_sft
-
+def run_in_worker(train_fn, config: dict[str, Any], record_placement: bool = False) -> None:
+    """Body of each Ray Train worker: ``train_fn`` (a recipe's ``train_sft`` / ``train_rl``) with a
+    Ray-backed context, on the inputs of :func:`loop_config`."""
     cfg = config_from_manifest_dict(config["cfg"])
-    ctx = RayTrainContext(config["artifacts"], storage_endpoint=config.get("storage_endpoint", ""))  # tune omits it
-    ctx.record_placement()
+    ctx = RayTrainContext(config["artifacts"], storage_endpoint=config.get("storage_endpoint", ""))
+    if record_placement:
+        ctx.record_placement()
     sem = Path(config["semantics"]) if config["semantics"] else None
     try:
-        train_sft(cfg, Path(config["model"]), Path(config["data"]), Path(config["sids"]), sem, ctx)
+        train_fn(cfg, Path(config["model"]), Path(config["data"]), Path(config["sids"]), sem, ctx)
     finally:
         ctx.close()  # a downloaded checkpoint is deleted even when the loop fails before loading it
 
 
+def sft_worker(config: dict[str, Any]) -> None:
+    """A Ray Train worker of an SFT run (``tsrec sft``, a Tune trial): records where it runs, then trains."""
+    from tsrec.sft.loop import train_sft
+
+    run_in_worker(train_sft, config, record_placement=True)
+
+
 def summarize(metrics_csv: Path) -> dict[str, Any]:
     """Steps, first/last/best validation loss and last train loss from ``metrics.csv``."""
-    from tsrec.sft.checkpoint import read_metrics_csv
+    from tsrec.train.metrics import read_metrics_csv
 
     rows = read_metrics_csv(metrics_csv)
     evals = [r["eval/loss"] for r in rows if "eval/loss" in r]

@@ -5,10 +5,11 @@
 
 1. The space is validated (``tsrec.tune.space``) and the concurrent trials are checked against
    ``ray.cluster_resources()`` before anything runs (:class:`TuneResourceError` names what is short).
-2. Shared upstream: the pipeline's cached stages data, sid, semantics under ``run.out_dir`` (skipped when
-   up to date, exactly as ``tsrec run`` does); then one initialised model per distinct model/sa_init
+2. Shared upstream: the pipeline's cached stages data, sid, semantics under ``run.out_dir``
+   (``tsrec.orchestration.pipeline.run_stage``: skipped when up to date, as in ``tsrec run``); then one initialised model per distinct model/sa_init
    combination of the space (``<tune>/inits/``), built before the Tuner starts.
-3. Per trial: a function trainable (a small CPU share) builds a ``TorchTrainer`` over the SFT loop with
+3. Per trial: a function trainable (a small CPU share) runs the SFT recipe on Ray Train through
+   ``tsrec.orchestration.train.fit_trainer`` (placement, restarts and checkpoints as ``tsrec sft``) with
    the trial's config (``tsrec.tune.space.trial_config``: ``sft.valid_ranking_sample = tune.valid_sample_size``,
    ``sft.best_metric`` from ``tune.metric``, so its ``best/`` model is its best-metric step); every report goes to Tune
    through :class:`_Report` (``eval/x`` -> ``valid_x``, ``steps`` = step + 1), ASHA stops on ``tune.metric``
@@ -116,24 +117,13 @@ def _searcher(cfg: Config, concurrent: int):
 
 
 def _upstream(cfg: Config, root: Path, log) -> None:
-    """data, sid, semantics as `tsrec run` runs them: skipped when their folders are up to date."""
-    from tsrec.artifacts import atomic_write_json
-    from tsrec.orchestration.pipeline import (MARKER, STAGE_DIRS, STAGES, _config_hash, _manifest_sha,
-                                              _up_to_date)
+    """data, sid, semantics as `tsrec run` runs them (the pipeline's own stage runner): skipped when their
+    folders are up to date."""
+    from tsrec.orchestration.pipeline import run_stage
 
     for name in UPSTREAM:
-        if name not in cfg.pipeline.stages:
-            continue
-        stage_dir = root / STAGE_DIRS[name]
-        if _up_to_date(cfg, name, stage_dir):
-            log(f"[tsrec tune] {name}: up to date in {stage_dir}, skipped")
-            continue
-        log(f"[tsrec tune] {name}: running -> {stage_dir}")
-        t0 = time.perf_counter()
-        STAGES[name](cfg, root)
-        atomic_write_json(stage_dir / MARKER, {"stage": name, "config_sha256": _config_hash(cfg, name),
-                                               "manifest_sha256": _manifest_sha(stage_dir),
-                                               "seconds": round(time.perf_counter() - t0, 2)})
+        if name in cfg.pipeline.stages:
+            run_stage(cfg, name, root, log=log, tag="tsrec tune")
 
 
 def _semantics_file(root: Path) -> Path | None:
@@ -154,35 +144,21 @@ def _init(cfg: Config, root: Path, out: Path, log) -> Path:
 def _make_trial_fn(base: dict[str, Any], root: Path, tune_dir: Path):
     def trial(config: dict[str, Any]) -> None:
         from ray import tune
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
 
-        from tsrec.orchestration.cluster import train_logging_config
-        from tsrec.orchestration.train import _train_worker
+        from tsrec.orchestration.train import artifacts_uri, fit_trainer, loop_config, sft_worker
 
         trial_id = tune.get_context().get_trial_id()
         starts = tune_dir / "trial_starts"
         starts.mkdir(parents=True, exist_ok=True)
         (starts / f"{trial_id}.{time.time_ns()}").touch()  # one marker per start: resume is auditable
         cfg = trial_config(base, config["params"])  # ranking probe on, best/ chosen by tune.metric
-        r = cfg.tune.resources
         sem = _semantics_file(root) if cfg.sft.use_ts_align else None
-        storage, name = str(tune_dir / "trials"), f"trial-{trial_id}"
-        res = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker > 0 else {})}
-        result = TorchTrainer(
-            _train_worker,
-            train_loop_config={"cfg": cfg.to_dict(), "model": str(tune_dir / "inits" / init_key(cfg)),
-                               "data": str(root / "data"), "sids": str(root / "sids"),
-                               "semantics": str(sem) if sem else None, "artifacts": f"{storage}/{name}/artifacts"},
-            scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=res),
-            # Same name + storage on a restored sweep: Ray Train resumes this trial from its last checkpoint.
-            run_config=RunConfig(name=name, storage_path=storage, callbacks=[_Report()],
-                                 failure_config=FailureConfig(max_failures=cfg.sft.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=1),
-                                 logging_config=train_logging_config()),
-        ).fit()
-        if getattr(result, "error", None) is not None:
-            raise result.error
+        storage, name, endpoint = str(tune_dir / "trials"), f"trial-{trial_id}", cfg.run.storage_endpoint
+        # Same name + storage on a restored sweep: Ray Train resumes this trial from its last checkpoint.
+        result = fit_trainer(
+            sft_worker, loop_config(cfg, tune_dir / "inits" / init_key(cfg), root / "data", root / "sids", sem,
+                                    artifacts_uri(storage, name), endpoint),
+            cfg.tune.resources, name, storage, endpoint, cfg.sft.max_failures, callbacks=[_Report()])
         # Tells the results table this trial ran to its end (not stopped by the scheduler). Tune wants the
         # metric in every result: the last evaluation's values (the loop always evaluates its last step).
         tune.report({**_rename(result.metrics or {}), "sft_finished": 1})

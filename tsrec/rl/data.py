@@ -52,9 +52,9 @@ import numpy as np
 
 from tsrec import prompts
 from tsrec.artifacts import InputError
-from tsrec.data.schema import read_items, read_split
-from tsrec.sft.tasks import item_sid, split_rows  # the split readers SFT uses (one copy)
+from tsrec.data.schema import item_sid, read_items, read_split, split_rows  # the split readers SFT uses too
 from tsrec.sid.index import SidIndex, read_index, split_sid
+from tsrec.train.ranking import valid_sample
 
 RL_TASKS = ("sid_history", "title", "description", "title_history")
 # RL task -> prompt template name in tsrec.prompts.
@@ -168,14 +168,6 @@ def processed_description(raw: str, mode: str = "upstream") -> str:
         return str(value[0]) if isinstance(value, list) and value else raw
     parts = [str(v) for v in value] if isinstance(value, list) else _ELEMENT_SEP.split(raw[2:-2])
     return next((x.strip() for x in parts if x.strip()), "")
-
-
-def valid_sample(n_rows: int, size: int, seed: int) -> list[int]:
-    """Row numbers of the fixed valid sample: ``size`` seeded rows in valid order (all rows when ``size`` is 0
-    or at least ``n_rows``), so every evaluation of a run, and the RL loop's guard, score the same rows."""
-    if 0 < size < n_rows:
-        return sorted(random.Random(seed).sample(range(n_rows), size))
-    return list(range(n_rows))
 
 
 def sid_history_samples(rows: Sequence[tuple[list[int], int]], index: SidIndex, mode: str, source: Path) -> list[RlSample]:

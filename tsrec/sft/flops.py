@@ -77,3 +77,15 @@ def flop_model(lm, head_trainable_rows: int | None = None) -> FlopModel:
         head_trainable_rows = vocab if weight is not None and weight.requires_grad else 0
     return FlopModel(body_params=n_body, body_trainable=n_train, hidden=cfg.hidden_size, vocab=vocab,
                      head_trainable_rows=head_trainable_rows, layers=cfg.num_hidden_layers, attn_dim=heads * head_dim)
+
+
+# Dense bf16 peak FLOP/s per GPU for the MFU estimate (GPU only; CPU reports none).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def peak_flops() -> float:
+    """The current CUDA device's dense bf16 peak (H100's when the name is unknown)."""
+    import torch
+
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), 989e12)

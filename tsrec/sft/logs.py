@@ -8,27 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tsrec.sft.checkpoint import write_metrics_csv
+from tsrec.train.metrics import write_run_logs
 
 
 def write_logs(rows: list[dict], out_dir: Path) -> None:
     """Write ``metrics.csv``, ``tensorboard/`` and ``loss.png`` into ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_metrics_csv(out_dir / "metrics.csv", rows)
-    write_tensorboard(rows, out_dir / "tensorboard")
-    plot_losses(rows, out_dir / "loss.png")
-
-
-def write_tensorboard(rows: list[dict], log_dir: Path) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(log_dir=str(log_dir))
-    for r in rows:
-        for k, v in r.items():
-            if k != "step" and isinstance(v, (int, float)):
-                writer.add_scalar(k, v, global_step=int(r["step"]))
-    writer.close()
+    write_run_logs(rows, out_dir, plot_losses, "loss.png")
 
 
 def plot_losses(rows: list[dict], path: Path) -> None:

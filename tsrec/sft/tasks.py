@@ -36,7 +36,7 @@ from pathlib import Path
 from tsrec import prompts
 from tsrec.artifacts import InputError
 from tsrec.config import Config, ConfigError, SftConfig
-from tsrec.data.schema import read_items, read_split
+from tsrec.data.schema import item_sid, read_items, read_split, split_rows
 from tsrec.semantics.records import read_teacher_file
 from tsrec.semantics.ts_align import ts_align_samples
 from tsrec.sid.index import SidIndex, read_index
@@ -185,16 +185,3 @@ def tokenize_samples(tokenizer, samples: Sequence[prompts.PromptSample], cutoff_
         weight = getattr(sft.tasks, task).loss_weight if sft is not None and hasattr(sft.tasks, task) else 1.0
         out.append(TokenizedSample(ids, labels, task, float(weight)))
     return out
-
-
-def split_rows(table) -> list[tuple[list[int], int]]:
-    """``(history item ids, target item id)`` per row of a split table (SFT and RL read splits alike)."""
-    return list(zip(table.column("history_item_ids").to_pylist(), table.column("item_id").to_pylist()))
-
-
-def item_sid(index: SidIndex, item_id: int, source: Path, row: int) -> str:
-    """The SID of ``item_id``; an item missing from the index is an ``InputError`` naming the file and row."""
-    try:
-        return index.sid(item_id)
-    except KeyError:
-        raise InputError(source, f"item {item_id} has no SID in the index", row=row, field="item_id") from None

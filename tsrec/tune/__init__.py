@@ -1,3 +1,3 @@
 """Ray Tune sweeps, the pure parts: search-space parsing, the resource check, the results table, plots,
-best-config writing and the valid ranking probe the SFT loop calls. No Ray import here; the Tuner and
-the per-trial ``TorchTrainer`` live in :mod:`tsrec.orchestration.tune`."""
+best-config writing. A trial is an SFT run (its valid ranking probe is ``tsrec.train.ranking``). No Ray
+import here; the Tuner and each trial's ``TorchTrainer`` (``fit_trainer``) live in :mod:`tsrec.orchestration`."""

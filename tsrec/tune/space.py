@@ -150,7 +150,7 @@ def sft_best_metric(cfg: Config) -> str:
     ``"ndcg@K"``, K one of the probe's cut-offs within ``sft.valid_ranking_beams``. Anything else would let
     the sweep rank trials by one number while each trial keeps its model by another: SweepSpaceError.
     """
-    from tsrec.tune.ranking import KS
+    from tsrec.train.ranking import KS
 
     t = cfg.tune
     ranking = [f"valid_{m}@{k}" for k in KS if k <= cfg.sft.valid_ranking_beams for m in ("hr", "ndcg")]
@@ -178,6 +178,7 @@ def trial_config(base: dict[str, Any], values: dict[str, Any]) -> Config:
     r = cfg.tune.resources
     cfg.resources.sft.workers, cfg.resources.sft.cpus_per_worker = r.workers, r.cpus_per_worker
     cfg.resources.sft.gpus_per_worker = r.gpus_per_worker
+    cfg.resources.sft.placement_strategy, cfg.resources.sft.restart_wait_s = r.placement_strategy, r.restart_wait_s
     cfg.sft.valid_ranking_sample = cfg.tune.valid_sample_size
     cfg.sft.best_metric = sft_best_metric(cfg)
     return cfg

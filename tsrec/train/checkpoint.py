@@ -1,12 +1,13 @@
-"""Checkpoint save/resume and Hugging Face export for DeepSpeed loops (SFT; reusable by RL). R5.
+"""Checkpoints of a DeepSpeed training run: identity, save, resume, Hugging Face export (R5).
 
 A checkpoint folder holds:
 - ``ds/``: DeepSpeed ``save_checkpoint`` (model, optimizer and scheduler state; ZeRO shards per rank)
-  with ``client_state`` = the loop state (step, data position, best validation loss, patience counter);
+  with ``client_state`` = the loop state (step, data position, best validation score, patience counter);
 - ``rng/rank_<r>.pt``: python, numpy and torch RNG states of each rank;
 - ``metrics.csv``: the metric rows so far (rank 0), so a resumed run continues the same curve;
 - ``meta.json`` (rank 0): the run identity (:func:`run_identity`) and the LR horizon. A checkpoint is
   loaded only by a run with the same meta, so a changed config never continues an old run's weights.
+- whatever a recipe adds (RL: its reference weights), through ``save_extra`` of :func:`save_and_report`.
 
 Every rank writes into its own local folder; the caller's RunContext merges them (Ray Train merges all
 ranks' folders into one checkpoint). ``export_hf`` gathers ZeRO-3 shards into one 16-bit state dict
@@ -15,45 +16,47 @@ ranks' folders into one checkpoint). ``export_hf`` gathers ZeRO-3 shards into on
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import random
+import tempfile
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from tsrec.train.metrics import read_metrics_csv, write_metrics_csv
+
 TAG = "ds"
 META = "meta.json"
 
-# `sft` keys that do not change what a training step computes: log/save cadence, where checkpoints
-# go, fault tolerance and the test hook. `max_steps` only says how far to go, so a run extended to
-# more steps resumes; its one effect on the computation, the LR horizon, is checked via the meta.
-NON_IDENTITY_KEYS = ("log_every_steps", "save_every_steps", "storage_path", "max_failures", "fail_at_step",
-                     "fail_marker", "max_steps")
 
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint was written by a run with another identity (config, inputs or world size)."""
 
 
-def run_identity(cfg, inputs: dict[str, Path | None], world_size: int) -> str:
-    """Identity of an SFT run: a hash of what determines its weights.
+def run_identity(cfg, section: str, non_identity_keys: Iterable[str], inputs: dict[str, Path | None],
+                 world_size: int, extra: dict[str, Any] | None = None) -> str:
+    """Identity of a training run: a hash of what determines its weights.
 
-    The resolved ``sft`` section (minus :data:`NON_IDENTITY_KEYS`), ``prompts``, ``run.seed``, the
-    world size (ZeRO shards and the data split depend on it) and a fingerprint of each input (file
-    sizes and mtimes, ``tsrec.artifacts.describe_input``; not the path, so a moved folder is the same).
+    The resolved config ``section`` (``sft``, ``rl``) minus ``non_identity_keys`` (log/save cadence, where
+    checkpoints go, fault tolerance, test hooks, ``max_steps``: they do not change what a step computes),
+    ``prompts``, ``run.seed``, the world size (ZeRO shards and the data split depend on it), ``extra``
+    (other config a recipe's steps read) and a fingerprint of each input (file sizes and mtimes,
+    ``tsrec.artifacts.describe_input``; not the path, so a moved folder is the same).
     """
     from tsrec.artifacts import describe_input
 
     full = cfg.to_dict()
-    sft = {k: v for k, v in full["sft"].items() if k not in NON_IDENTITY_KEYS}
+    skip = set(non_identity_keys)
     fingerprints = {k: ({x: y for x, y in describe_input(v).items() if x != "path"} if v is not None else None)
                     for k, v in sorted(inputs.items())}
-    payload = {"sft": sft, "prompts": full["prompts"], "seed": full["run"]["seed"], "world_size": world_size,
-               "inputs": fingerprints}
+    payload = {section: {k: v for k, v in full[section].items() if k not in skip}, "prompts": full["prompts"],
+               "seed": full["run"]["seed"], "world_size": world_size, **(extra or {}), "inputs": fingerprints}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -64,7 +67,7 @@ def save_checkpoint(engine, ckpt_dir: Path, state: dict[str, Any], rank: int, me
     ckpt_dir = Path(ckpt_dir)
     engine.save_checkpoint(str(ckpt_dir), tag=TAG, client_state=dict(state))
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if engine.device.type == "cuda":  # a CPU rank on a GPU host leaves the GPUs alone
         rng["cuda"] = torch.cuda.get_rng_state()
     (ckpt_dir / "rng").mkdir(parents=True, exist_ok=True)
     torch.save(rng, ckpt_dir / "rng" / f"rank_{rank}.pt")
@@ -103,10 +106,60 @@ def load_checkpoint(engine, ckpt_dir: Path, rank: int,
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
+        if "cuda" in rng and engine.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"])
     rows = read_metrics_csv(ckpt_dir / "metrics.csv")
     return state, rows
+
+
+def resume(engine, ctx, rank: int, meta: dict[str, Any], state: dict[str, Any], tag: str) -> list[dict]:
+    """Continue from ``ctx.resume_dir`` if there is one: engine and RNG restored, the keys of ``state``
+    updated from the checkpoint's loop state; returns the metric rows up to its step (else ``[]``)."""
+    if ctx.resume_dir is None:
+        return []
+    loaded, rows = load_checkpoint(engine, ctx.resume_dir, rank, expect_meta=meta)
+    state.update({k: loaded[k] for k in state if k in loaded})
+    if rank == 0:
+        print(f"[{tag}] resumed from {ctx.resume_dir} after step {state['step']}", flush=True)
+    return [r for r in rows if r.get("step", -1) <= state["step"]]
+
+
+def release_resume(ctx) -> None:
+    """A downloaded (cloud) checkpoint is no longer needed once everything is loaded from it."""
+    release = getattr(ctx, "release_resume", None)
+    if release is not None:
+        release()
+
+
+def attempt_columns(state: dict[str, Any]) -> dict[str, Any]:
+    """Columns every metric row of this attempt carries (its first step, its start time), so a resumed run
+    shows that it did not recompute the steps before its checkpoint."""
+    return {"attempt/start_step": state["step"] + 1, "attempt/started_at": round(time.time(), 3)}
+
+
+def save_and_report(ctx, engine, step: int, row: dict[str, Any], *, save: bool, logged: bool, state: dict[str, Any],
+                    rows: list[dict], meta: dict[str, Any], rank: int,
+                    save_extra: Callable[[Path], None] | None = None) -> None:
+    """End of a step: with ``save`` a checkpoint (collective: every rank writes its part, then the context
+    persists the folder) reported with the row; else the row alone when ``logged`` (a Ray Train report is
+    a round trip to the controller: only logged steps pay for it)."""
+    if save:
+        with tempfile.TemporaryDirectory(prefix="tsrec-ckpt-") as d:
+            save_checkpoint(engine, Path(d), state, rank, rows, meta=meta)
+            if save_extra is not None:
+                save_extra(Path(d))
+            ctx.report(step, row, checkpoint_dir=Path(d))
+    elif logged:
+        ctx.report(step, row)
+
+
+def export_model(engine, tok, zero_stage: int, rank: int, ctx, name: str) -> None:
+    """:func:`export_hf` into a temporary folder, handed to ``ctx.save_artifact(name)`` (``best``,
+    ``final``). Collective."""
+    with tempfile.TemporaryDirectory(prefix=f"tsrec-{name}-") as d:
+        export_hf(engine, tok, Path(d), zero_stage, rank)
+        if rank == 0:
+            ctx.save_artifact(Path(d), name)
 
 
 def export_hf(engine, tokenizer, out_dir: Path, zero_stage: int, rank: int, prefix: str = "lm.") -> None:
@@ -185,33 +238,3 @@ def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
 
     walk(base, "")
     return sd
-
-
-def write_metrics_csv(path: Path, rows: list[dict]) -> None:
-    """One row per step; columns = the union of keys (first-seen order)."""
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-
-
-def read_metrics_csv(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [{k: _num(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
-
-
-def _num(v: str) -> Any:
-    try:
-        f = float(v)
-    except ValueError:
-        return v
-    return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
