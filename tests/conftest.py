@@ -12,9 +12,21 @@ from pathlib import Path
 
 import pytest
 
+from device_env import default_ds_accelerator
 from shared_data import INDUSTRIAL, INDUSTRIAL_TEACHER, REPO, SHARED_DATA, require_shared  # noqa: F401
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+_ds = default_ds_accelerator(os.environ, _cuda_available)
+if _ds is not None:
+    os.environ["DS_ACCELERATOR"] = _ds
+# Ray workers of the session cluster get the same choice (nothing on a GPU machine: DeepSpeed picks CUDA).
+WORKER_ENV = {**({"DS_ACCELERATOR": _ds} if _ds is not None else {}), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -60,7 +72,7 @@ def ray_cluster(tmp_path_factory):
     while True:
         try:
             ray.init(address=address, configure_logging=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}})
+                     runtime_env={"env_vars": dict(WORKER_ENV)})
             break
         except Exception:  # GCS not up yet
             if head.poll() is not None or time.time() > deadline:

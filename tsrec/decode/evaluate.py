@@ -262,8 +262,9 @@ def _baselines(cfg: Config, results: list[dict[str, Any]], data_dir: Path) -> di
     return score_baselines_for(data_dir, cfg.eval.split, [r["row"] for r in results], cfg.eval.ks, cfg.eval.beams)
 
 
-def evaluate_local(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """The whole evaluation in this process (no Ray): load rows, decode, write."""
+def evaluate_local(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, out_dir: Path,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole evaluation in this process (no Ray): load rows, decode, write (``extra``: more manifest stats)."""
     import torch
 
     t0 = time.perf_counter()
@@ -279,4 +280,5 @@ def evaluate_local(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path,
     finally:
         torch.set_num_threads(threads)
     inputs = {"model": model_dir, "data": data_dir, "sids": sids_dir}
-    return write_results(cfg, results, out_dir, inputs, {"workers": 1, "seconds": round(time.perf_counter() - t0, 2)})
+    return write_results(cfg, results, out_dir, inputs,
+                         {"workers": 1, "seconds": round(time.perf_counter() - t0, 2), **(extra or {})})

@@ -76,16 +76,27 @@ def hf_prefix_beam_search(model, input_ids, attention_mask, constraints: SidCons
 @torch.inference_mode()
 def exhaustive_scores(model, prompt_ids: list[int], constraints: SidConstraints,
                       suffix_ids: Sequence[int] = ()) -> torch.Tensor:
-    """``(S,)`` sum of full-vocabulary log-probs of every catalogue SID (+ ``suffix_ids``) after one prompt."""
-    sid_ids = constraints.sid_token_ids.cpu()
+    """``(S,)`` sum of full-vocabulary log-probs of every catalogue SID (+ ``suffix_ids``) after one prompt.
+
+    The sequences are built on the model's device (a CUDA model gets CUDA inputs); the scores come back there.
+    """
+    device = _model_device(model)
+    sid_ids = constraints.sid_token_ids.to(device)
     if suffix_ids:
-        sid_ids = torch.cat([sid_ids, torch.tensor(list(suffix_ids), dtype=torch.long).expand(sid_ids.shape[0], -1)], 1)
+        suffix = torch.tensor(list(suffix_ids), dtype=torch.long, device=device)
+        sid_ids = torch.cat([sid_ids, suffix.expand(sid_ids.shape[0], -1)], 1)
     S, L = sid_ids.shape
-    prompt = torch.tensor(prompt_ids, dtype=torch.long).unsqueeze(0).expand(S, -1)
+    prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device).unsqueeze(0).expand(S, -1)
     seq = torch.cat([prompt, sid_ids], dim=1)
     logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits.float()
     logp = torch.log_softmax(logits[:, len(prompt_ids) - 1 : -1, :], dim=-1)  # predicts each SID token
     return logp.gather(-1, sid_ids.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+def _model_device(model) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless callable)."""
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return param.device if param is not None else torch.device("cpu")
 
 
 def compare_topk(a_sids: Sequence[str], a_scores: Sequence[float], b_sids: Sequence[str], b_scores: Sequence[float],

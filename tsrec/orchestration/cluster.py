@@ -76,6 +76,35 @@ def _local_state_api(local: bool):
             os.environ[_API_ENV] = saved
 
 
+# Ray 2.60 no longer sets CUDA_VISIBLE_DEVICES="" for a task or actor that holds no GPU (ray-project/ray#54868,
+# ray/_private/accelerators/accelerator.py): it sees every GPU of its node, and torch's "auto" device puts it
+# on cuda:0 beside the workers that own that GPU. Every zero-GPU actor tsrec starts gets this runtime_env.
+HIDE_GPUS = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def cpu_only_runtime_env(runtime_env: dict | None = None) -> dict:
+    """``runtime_env`` (a Ray runtime_env dict, not modified) plus ``CUDA_VISIBLE_DEVICES=""``: for actors with no GPU."""
+    out = dict(runtime_env or {})
+    out["env_vars"] = {**dict(out.get("env_vars") or {}), **HIDE_GPUS}
+    return out
+
+
+def cluster_gpus() -> float:
+    """GPUs of the connected Ray cluster: those it has now, or the most its autoscaler can add (KubeRay
+    worker groups scaled to zero report their max GPUs to the GCS), whichever is larger. The autoscaler's
+    view is what Ray Train reads for the same question (``get_max_resources_from_cluster_config``)."""
+    import ray
+
+    now = float(ray.cluster_resources().get("GPU", 0))
+    try:
+        from ray._private.state import state
+
+        most = (state.get_max_resources_from_cluster_config() or {}).get("GPU", 0)
+    except Exception:  # noqa: BLE001  # pragma: no cover - no autoscaler config (a local cluster) or another Ray version
+        most = 0
+    return max(now, float(most or 0))
+
+
 # Ray Data's actor pools default to max_restarts=-1 and hand every actor its map function and the
 # DataContext as object refs, so Ray core logs an ERROR line per pool ("core_worker.cc: ... has
 # constructor arguments in the object store and max_restarts > 0", ray-project/ray#53727). Our pools

