@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("tune", help="Ray Tune sweep (the config's tune: section), each trial an SFT TorchTrainer")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own progress and INFO lines on the console (default: <run.out_dir>/logs/ray.log)")
     _common(p)
 
     p = sub.add_parser("report", help="(re)write <RUN_DIR>/report.md and report.html from a run folder")
@@ -239,7 +241,7 @@ def dispatch(args: argparse.Namespace, cfg: Config):
         from tsrec.tune.space import TuneResourceError
 
         try:
-            return run_tune(cfg)  # prints the results table; reruns of the same command resume the sweep
+            return run_tune(cfg, verbose=args.verbose)  # prints the results table; the same command resumes
         except TuneResourceError as e:  # a config fix (fewer trials at once, smaller trials): same exit as ConfigError
             raise ConfigError(str(e)) from e
     raise AssertionError(f"unhandled command {stage} {verb}")  # pragma: no cover

@@ -80,7 +80,8 @@ RECORDED = {0: {"states": 68263768, "activations": 24287136, "supervised": 123},
 def _check_tiny(config_dir: Path, stage: int, measured: dict) -> None:
     b = load_backbone(str(config_dir), sid_tokens=0)
     setup = Setup(gpus_per_node=2, nodes=1, gpu_mem_gib=100, seq_len=64, micro_batch=8, precision="bf16",
-                  supervised_fraction=measured["supervised"] / TOKENS, overhead_gib=0)
+                  supervised_fraction=measured["supervised"] / TOKENS, overhead_gib=0,
+                  overlap_comm=False)  # measured on CPU: no overlap_comm, DeepSpeed's default buckets
     c = evaluate(b, setup, stage, False, False, False, False).bytes
     states = c["weights"] + c["gradients"] + c["optimizer"] + c["buffers"]
     acts = c["activations"] + c["logits"] / 3
@@ -156,3 +157,15 @@ def test_bad_input_named_errors(tmp_path, capsys):
     assert main(["plan", "--backbone", "qwen2.5-14b", "--gpus-per-node", "1", "--gpu-mem", "8",
                  "--write", str(tmp_path / "x.yaml")]) == 2
     assert "no candidate fits" in capsys.readouterr().err
+
+
+def test_the_planner_plans_the_loops_gpu_buckets():
+    """The planner's GPU bucket is the one the loops' DeepSpeed dict sets (its overlap buffers are planned)."""
+    from tsrec.config import load_config
+    from tsrec.plan.planner import GPU_BUCKET
+    from tsrec.train.engine import EngineSpec, deepspeed_config
+
+    for stage in (2, 3):
+        spec = EngineSpec.of("sft", load_config(None, [f"sft.zero_stage={stage}"]).sft, 1, 1)
+        zero = deepspeed_config(spec, 1, on_gpu=True)["zero_optimization"]
+        assert zero["overlap_comm"] and zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == GPU_BUCKET

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sft"))
 
@@ -199,3 +200,50 @@ def test_shared_prompt_forward_keeps_the_run_identity(tiny):
     on, off = (rl_identity(load_config(None, [*BASE, f"rl.shared_prompt_forward={v}"]), inputs, 2) for v in ("true", "false"))
     assert on == off
     assert rl_identity(load_config(None, [*BASE, "rl.lr=2e-3"]), inputs, 2) != on  # a key that changes the steps does
+
+
+def test_embedding_similarity_runs_end_to_end(tiny, tmp_path):
+    """rl.semantic_similarity=embedding: the teacher descriptions are embedded by the SID stage's encoder
+    (all-MiniLM-L6-v2 by default) and the run trains on them. The tiny teacher file gives every token its own
+    keyword, so Jaccard credits exact tokens only; the embedded descriptions ("items like glue" ...) are
+    similar, so the table has positive off-diagonal entries (a loop that built Jaccard instead fails here)."""
+    from tsrec.decode.constraints import SidConstraints
+    from tsrec.decode.evaluate import load_model
+    from tsrec.rl.loop import _semantic_tables
+    from tsrec.sid.index import read_index
+
+    over = ["rl.reward=ranking+semantic", "rl.semantic_similarity=embedding"]
+    cfg = load_config(None, [*BASE, *over])
+    _, tok = load_model(tiny["model"], "float32", "cpu")
+    cons = SidConstraints.from_index(read_index(tiny["sids"]), tok)
+    sim, _ = _semantic_tables(cfg, tiny["semantics"], cons, tok, "cpu")
+    assert sim.method == "embedding"
+    m = sim.matrices[0]
+    assert float(m[~torch.eye(m.shape[0], dtype=torch.bool)].min()) > 0.1, m
+    result = _train(tiny, tmp_path, *over, "rl.max_steps=2")
+    rows = [r for r in read_metrics_csv(tmp_path / "logs" / "metrics.csv") if r["step"] >= 0]
+    assert result["steps"] == 2 and all(math.isfinite(r["train/loss"]) for r in rows)
+    assert all(r["rollout/semantic_mean"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["rl.reward=ranking+semantic", "rl.semantic_similarity=embedding", "embed.encoder=/nonexistent/encoder"],
+     "semantic_similarity=embedding.*not a Hugging Face encoder folder"),
+    (["rl.prompts_per_step=6", "resources.rl.workers=2"], "prompts_per_step"),
+    (["rl.rollout=sample", "rl.temperature=0"], "temperature"),
+    (["rl.updates_per_rollout=2", "rl.clip_eps=0"], "clip_eps"),
+    (["rl.semantic_weight=-1"], "semantic_weight"),
+])
+def test_tsrec_rl_refuses_configs_before_any_worker_starts(tiny, tmp_path, monkeypatch, overrides, match):
+    """run_rl (what `tsrec rl` calls) raises ConfigError before it launches Ray Train (launch is replaced by a
+    function that fails the test if it is reached)."""
+    from tsrec.config import ConfigError
+    from tsrec.orchestration import rl as orch
+
+    def no_launch(*a, **k):
+        raise AssertionError("Ray Train was started")
+
+    monkeypatch.setattr(orch, "launch", no_launch)
+    cfg = load_config(None, [*BASE, *overrides])
+    with pytest.raises(ConfigError, match=match):
+        orch.run_rl(cfg, tiny["model"], tiny["data"], tiny["sids"], tiny["semantics"], tmp_path)

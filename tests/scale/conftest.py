@@ -13,11 +13,11 @@ import socket
 
 import pytest
 
+from s3_server import S3_TEST_ENV, moto_s3
+
 # Worker environment (the job's runtime_env, as a RayJob sets it): CPU DeepSpeed, offline HF, one thread,
 # and S3 credentials for the moto server (moto accepts any; real pods get theirs from a Secret or IAM role).
 # AWS_EC2_METADATA_DISABLED: without it the AWS SDK first probes the EC2 metadata service for credentials.
-S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_EC2_METADATA_DISABLED": "true"}
 WORKER_ENV = {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **S3_TEST_ENV}
 # Read by the GCS and raylets this fixture starts (they inherit this process's environment). On a loaded
 # 2-core machine a raylet's dashboard agent took 45 s to come up; Ray's defaults (30 s for the agent to
@@ -120,25 +120,10 @@ def multinode_cluster():
 
 @pytest.fixture(scope="module")
 def s3_server():
-    """A local S3-compatible server (moto's server mode, threaded in this process) with bucket ``tsrec-ckpt``.
-
-    Yields ``{"endpoint": "http://127.0.0.1:PORT", "bucket": ..., "client": boto3 S3 client}``. The driver
-    gets the test credentials in its environment for the module (restored afterwards)."""
-    import boto3  # moto[server] is in the dev extra: a missing install fails here, it does not skip
-    from moto.server import ThreadedMotoServer
-    saved = {k: os.environ.get(k) for k in S3_TEST_ENV}
-    os.environ.update(S3_TEST_ENV)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        client.create_bucket(Bucket="tsrec-ckpt")
-        yield {"endpoint": endpoint, "bucket": "tsrec-ckpt", "client": client}
-    finally:
-        server.stop()
-        _restore_env(saved)
+    """A local S3-compatible server with bucket ``tsrec-ckpt`` (``tests/s3_server.py``); the driver has the test
+    credentials in its environment for the module."""
+    with moto_s3() as s3:
+        yield s3
 
 
 def _kill_processes_under(temp_dir: str) -> None:

@@ -24,7 +24,10 @@ from tsrec.semantics.teacher import (
 )
 
 DESC = ("This product family comprises staples, glue and tape for fastening paper, wood and fabric in offices "
-        "and workshops. ") * 4  # 72 words
+        "and workshops. Staplers range from compact desk models to heavy-duty tackers that drive long legs through "
+        "thick stacks or upholstery. Adhesives cover white craft glue, fast epoxy, hot-melt sticks and spray mounts. "
+        "Tapes include masking, double-sided foam, packing and reinforced filament rolls, with dispensers and "
+        "refills sold alongside for everyday repair jobs at home and work.")  # 72 words, no phrase said twice
 KWS = [f"fastener type {c}" for c in "abcdefghijklmnopqr"]  # 18 keyphrases
 CONTRACT = Contract(instruction=INSTRUCTION_TEXT)
 
@@ -40,7 +43,7 @@ def test_valid_answer_meets_contract():
 
 @pytest.mark.parametrize("desc,kws,reason", [
     ("Staples and glue.", KWS, "description has 3 words (contract 55-120)"),
-    (DESC * 2, KWS, "description has 144 words"),
+    (DESC + " " + DESC, KWS, "description has 144 words"),
     (DESC, KWS[:5], "5 keywords (contract 15-26)"),
     (DESC, KWS + [f"extra {i}" for i in range(10)], "28 keywords"),
     (DESC, KWS + ["Fastener type A"], "1 duplicate or empty keyword(s)"),
@@ -49,6 +52,14 @@ def test_valid_answer_meets_contract():
     (DESC, KWS + ["very long keyphrase with far too many words"], "1 keyphrase(s) longer than 6 words"),
     (DESC + " See https://example.com for more.", KWS, "URL in the answer"),
     (DESC, KWS + ["www.staples"], "URL in the answer"),
+    # one word repeated as a keyphrase (the demo teacher's "Laser Laser Laser Laser Laser Laser"), any case
+    (DESC, KWS + ["Laser Laser Laser Laser Laser Laser"], "repeated-word keyphrase(s) ['Laser Laser Laser Laser"),
+    (DESC, KWS + ["crystal CRYSTAL"], "repeated-word keyphrase(s) ['crystal CRYSTAL']"),
+    # a description saying the same thing over and over: a 3-word run occurring 3 or more times
+    (("This product family comprises staples and glue for fastening. " * 7).strip(), KWS,
+     "description repeats 'this product family' 7 times (contract: a 3-word run at most 2 times)"),
+    (DESC[:-1] + ", durable staples and glue, cheap staples and glue, strong staples and glue.", KWS,
+     "description repeats 'staples and glue' 3 times"),
     (DESC + " Describe the shared scope and characteristics of this product family.", KWS,
      "copies the instruction ('describe the shared scope and characteristics')"),
 ])
@@ -67,6 +78,21 @@ def test_keyphrase_problem_is_the_contract_per_keyphrase():
     assert keyphrase_problem("www.staples") == "URL in a keyphrase"
     assert keyphrase_problem("a b c d e f g", 6) == "keyphrase longer than 6 words"
     assert keyphrase_problem("a b c d e f g") == "" and keyphrase_problem("3D printing filament", 6) == ""
+    assert keyphrase_problem("Laser Laser") == keyphrase_problem("crystal Crystal CRYSTAL") == "repeated-word keyphrase"
+    assert keyphrase_problem("Laser") == keyphrase_problem("laser laser cutter") == ""  # one word, or another word too
+
+
+def test_repetition_rules_keep_ordinary_answers():
+    """The repetition rules flag a description that says the same thing again and again, not one that reuses a
+    word or two-word phrase (ordinary prose; the authors' teacher file repeats no 3-word run even twice)."""
+    from tsrec.semantics.answers import repeated_run
+
+    assert repeated_run(DESC, 3, 2) == ("", 0)
+    twice = DESC + " The staples and glue ship in boxes; staples and glue refills are sold apart."
+    assert repeated_run(twice, 3, 2) == ("", 0)  # at most twice is allowed
+    assert repeated_run(twice + " Spare staples and glue.", 3, 2) == ("staples and glue", 3)
+    assert repeated_run(twice + " Spare staples and glue.", 3, 0) == ("", 0)  # 0 = off
+    assert CONTRACT.violations(twice, KWS, KWS) == []
 
 
 def test_contract_limits_are_config_keys():

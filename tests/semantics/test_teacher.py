@@ -20,7 +20,12 @@ from tsrec.semantics.teacher import (
 )
 from tsrec.sid.index import SidIndex
 
-GOOD = {"description": "This product family comprises staples and glue for fastening. " * 7,
+GOOD = {"description": ("This product family comprises staples, glue and tape for fastening paper, wood and fabric in "
+                        "offices and workshops. Staplers range from compact desk models to heavy-duty tackers that drive "
+                        "long legs through thick stacks or upholstery. Adhesives cover white craft glue, fast epoxy, "
+                        "hot-melt sticks and spray mounts. Tapes include masking, double-sided foam, packing and "
+                        "reinforced filament rolls, with dispensers and refills sold alongside for everyday repair jobs "
+                        "at home and work."),  # 72 words, no phrase said three times (the contract's repeat rule)
         "keywords": [f"keyword {i}" for i in range(20)]}
 
 

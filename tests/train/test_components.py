@@ -2,6 +2,7 @@
 of each stage, the LR schedule, each rank's share of a step."""
 
 import math
+import os
 import socket
 from types import SimpleNamespace
 
@@ -26,6 +27,7 @@ def test_a_zero_gpu_worker_on_a_gpu_host_trains_on_cpu(monkeypatch):
         raise AssertionError("a CPU worker selected a GPU")
 
     monkeypatch.setattr(torch.cuda, "set_device", touched)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # unset, DeepSpeed would pick CUDA on a GPU host
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -37,6 +39,7 @@ def test_a_zero_gpu_worker_on_a_gpu_host_trains_on_cpu(monkeypatch):
         dist = init_distributed(SimpleNamespace(rank=0, world_size=1, device="cpu"))
         assert dist.device == torch.device("cpu") and dist.backend == "gloo" and not dist.on_gpu
         assert torch.distributed.get_backend() == "gloo"
+        assert os.environ["DS_ACCELERATOR"] == "cpu"  # told before DeepSpeed picks its accelerator
     finally:
         if created and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

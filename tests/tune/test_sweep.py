@@ -1,5 +1,5 @@
 """Sweeps on the local test cluster: the resource check; ASHA + a killed driver resumed (finished trials are not
-rerun); the demo sweep (4 TorchTrainer trials, depth x TS-Align weight). Real Ray, DeepSpeed on CPU, tiny model."""
+rerun), then the finished sweep run again (same best trial, same files); the demo sweep (4 TorchTrainer trials, depth x TS-Align weight). Real Ray, DeepSpeed on CPU, tiny model."""
 
 import json
 import os
@@ -54,7 +54,7 @@ def _starts(tune_dir: Path) -> dict[str, int]:
 def _saved_status(tune_dir: Path) -> dict[str, str]:
     """Trial id -> status in Tune's saved experiment state (what a restore starts from)."""
     out = {}
-    for state in (tune_dir / "ray" / "sweep").glob("experiment_state*.json"):
+    for state in (tune_dir / "ray").glob("sweep-*/experiment_state*.json"):  # the sweep's identity names it
         try:
             data = json.loads(state.read_text())
         except (ValueError, OSError):  # being rewritten right now: read it at the next poll
@@ -104,6 +104,10 @@ def test_asha_stops_early_and_killed_driver_resumes(ray_cluster, root):
             proc.wait()
     before = _starts(tune_dir)
     assert done_at_kill and len(before) < 4, before  # killed mid-sweep
+    # a quiet console (no --verbose), as `tsrec run`'s: the sweep's own lines, not Tune's experiment box
+    console = (root / "asha_driver.log").read_text()
+    assert "[tsrec tune] 4 trial(s)" in console and (root / "logs" / "ray.log").exists()
+    assert "View detailed results here" not in console and "Configuration for experiment" not in console, console
 
     summary = run_tune(_cfg(root, *ASHA))  # the same command again: restores the sweep
     after = _starts(tune_dir)
@@ -123,6 +127,17 @@ def test_asha_stops_early_and_killed_driver_resumes(ray_cluster, root):
     best = load_config(tune_dir / "best_config.yaml")
     assert best.sft.lr == 3e-3 and best.sft.best_metric == "loss"
     assert (tune_dir / "best_model" / "config.json").exists()
+
+    # The finished sweep run again (issue 20): its two lr-3e-3 trials may tie, yet the same best trial, the same
+    # table and best_config.yaml bytes, best_model/ not copied again, no trial started again.
+    kept = {f: (tune_dir / f).read_bytes() for f in ("results.csv", "best_config.yaml")}
+    model_stamp = (tune_dir / "best_model" / "config.json").stat().st_mtime_ns
+    again = run_tune(_cfg(root, *ASHA))
+    assert again["best_trial"] == summary["best_trial"] and again["sweep"] == summary["sweep"]
+    assert {f: (tune_dir / f).read_bytes() for f in kept} == kept
+    assert (tune_dir / "best_model" / "config.json").stat().st_mtime_ns == model_stamp
+    assert _starts(tune_dir) == after
+    assert json.loads((tune_dir / "sweep.json").read_text())["identity"] == summary["sweep"]
 
 
 @pytest.mark.ray

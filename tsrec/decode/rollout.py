@@ -7,9 +7,11 @@ Output: :class:`Rollout`, G valid SIDs per prompt in score order, flattened to B
 Upstream runs one beam search per distinct prompt with ``num_beams = num_return_sequences = G`` and
 uses the G returned SIDs (in score order) as the group; beam rank i is the position in that list and
 drives the ranking reward. The completion is ``SID + "\\n" + EOS``: pass those ids as ``suffix_ids``.
-They are appended after decoding and are not scored (their log-probs are NaN in
-``token_logprobs``); the trainer recomputes policy and reference log-probs of every completion token
-anyway.
+They are appended after decoding. With ``score_suffix`` (the trainer sets it as ``eval.score_suffix``: on
+for upstream prompts) their log-probs are added to each SID's score and the group re-sorted, as the
+evaluation decoder ranks its beams (the G SIDs stay the same, only their order, and so the rank penalty,
+can change); without it they are not scored (NaN in ``token_logprobs``). The trainer recomputes policy and
+reference log-probs of every completion token anyway.
 
 ``rl.rollout=sample`` draws the G completions instead (:func:`sample_rollouts`): at each SID level a
 code is sampled from the policy's distribution restricted to the catalogue's allowed codes (softmax of
@@ -41,11 +43,12 @@ class Rollout:
         sequences: ``(B*G, T + L + s)`` left-padded prompt + SID + suffix ids.
         attention_mask: ``(B*G, T + L + s)`` 0 on left padding, 1 elsewhere.
         completion_ids: ``(B*G, L + s)`` SID ids followed by the suffix ids.
-        token_logprobs: ``(B*G, L + s)`` float32 decoder log-probs of the SID tokens, NaN on the suffix.
+        token_logprobs: ``(B*G, L + s)`` float32 decoder log-probs of the SID tokens, and of the suffix when
+            it was scored (NaN there otherwise).
         beam_ranks: ``(B*G,)`` 0-based rank within the prompt's group.
         prompt_index: ``(B*G,)`` which prompt of the batch.
         sid_index: ``(B*G,)`` index into ``constraints.sids``.
-        scores: ``(B*G,)`` sequence score (sum of SID-token log-probs).
+        scores: ``(B*G,)`` sequence score (sum of the SID-token log-probs, plus the suffix's when scored).
     """
 
     sequences: torch.Tensor
@@ -65,6 +68,7 @@ def generate_rollouts(
     constraints: SidConstraints,
     group_size: int,
     suffix_ids: Sequence[int] = (),
+    score_suffix: bool = False,
 ) -> Rollout:
     """G distinct catalogue SIDs per prompt by constrained beam search (the upstream rollout).
 
@@ -73,24 +77,31 @@ def generate_rollouts(
         input_ids: ``(B, T)`` left-padded prompts; ``attention_mask`` likewise.
         constraints: the catalogue tables.
         group_size: G = beam width = completions per prompt.
-        suffix_ids: ids appended to every completion, e.g. ``[id("\\n"), eos]`` (not scored).
+        suffix_ids: ids appended to every completion, e.g. ``[id("\\n"), eos]``.
+        score_suffix: add their log-probs to the scores and rank the group by that (the evaluation's
+            ``score_suffix_ids``); False: rank by the SID tokens, suffix not scored.
 
     Raises:
         ValueError / EmptyAllowedSetError: see :func:`constrained_beam_search` (an empty allowed
         set is always an error here: a rollout must never leave the catalogue).
     """
-    out = constrained_beam_search(model, input_ids, attention_mask, constraints, group_size, on_empty="raise")
+    out = constrained_beam_search(model, input_ids, attention_mask, constraints, group_size, on_empty="raise",
+                                  score_suffix_ids=suffix_ids if score_suffix else ())
     return _rollout_from(input_ids, attention_mask, out.sid_token_ids, out.token_logprobs, out.sid_index, out.ranks,
-                         suffix_ids)
+                         suffix_ids, out.suffix_logprobs)
 
 
-def _rollout_from(input_ids, attention_mask, sid_token_ids, token_logprobs, sid_index, ranks, suffix_ids) -> Rollout:
-    """Assemble a :class:`Rollout` from ``(B, G, L)`` SIDs and their per-token log-probs."""
+def _rollout_from(input_ids, attention_mask, sid_token_ids, token_logprobs, sid_index, ranks, suffix_ids,
+                  suffix_logprobs=None) -> Rollout:
+    """Assemble a :class:`Rollout` from ``(B, G, L)`` SIDs and their per-token log-probs (``suffix_logprobs``
+    ``(B, G, s)`` when the suffix was scored)."""
     B, G, L = sid_token_ids.shape
     device = input_ids.device
     suffix = torch.tensor(list(suffix_ids), dtype=torch.long, device=device).expand(B * G, len(suffix_ids))
     completion = torch.cat([sid_token_ids.reshape(B * G, L), suffix], dim=1)
-    lp = torch.cat([token_logprobs.reshape(B * G, L), torch.full(suffix.shape, float("nan"), device=device)], dim=1)
+    suffix_lp = (torch.full(suffix.shape, float("nan"), device=device) if suffix_logprobs is None
+                 else suffix_logprobs.reshape(B * G, -1).float())
+    lp = torch.cat([token_logprobs.reshape(B * G, L), suffix_lp], dim=1)
     prompts = input_ids.repeat_interleave(G, dim=0)
     prompt_mask = attention_mask.to(torch.long).repeat_interleave(G, dim=0)
     return Rollout(
@@ -101,7 +112,8 @@ def _rollout_from(input_ids, attention_mask, sid_token_ids, token_logprobs, sid_
         beam_ranks=ranks.reshape(-1),
         prompt_index=torch.arange(B, device=device).repeat_interleave(G),
         sid_index=sid_index.reshape(-1),
-        scores=token_logprobs.sum(-1).reshape(-1),
+        scores=(token_logprobs.sum(-1) if suffix_logprobs is None
+                else token_logprobs.sum(-1) + suffix_logprobs.sum(-1)).reshape(-1),
     )
 
 

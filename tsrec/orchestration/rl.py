@@ -30,7 +30,7 @@ def run_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semanti
            out_dir: Path, force: bool = False) -> dict[str, Any]:
     """Run RL on Ray Train and collect its outputs in ``out_dir`` (what ``tsrec rl`` calls)."""
     from tsrec.rl.logs import progress_line
-    from tsrec.rl.loop import rl_identity
+    from tsrec.rl.loop import check_rl_config, rl_identity
 
     # --- 1. validate inputs before starting anything ---
     model_dir, data_dir, sids_dir, out_dir = (Path(p).resolve() for p in (model_dir, data_dir, sids_dir, out_dir))
@@ -40,6 +40,9 @@ def run_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semanti
          (sids_dir / "index.json", "SID folder (tsrec sid build)")],
         semantics_file, "semantic" in cfg.rl.reward,
         f"teacher file needed by rl.reward={cfg.rl.reward}; run `tsrec semantics extract` or set rl.reward=ranking")
+    # Every config the workers would refuse (sampling temperature, PPO clip, batch sizes over the workers, an
+    # encoder for rl.semantic_similarity=embedding, ...) is refused here, before Ray Train starts.
+    check_rl_config(cfg, semantics_file, cfg.resources.rl.workers)
 
     # --- 2. trainer ---
     inputs = {"model": model_dir, "data": data_dir, "sids": sids_dir, "semantics": semantics_file}

@@ -57,14 +57,14 @@ def ray_storage(uri: str, endpoint: str = "") -> dict:
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
-def failure_config(max_failures: int, restart_wait_s: float):
+def failure_config(max_failures: int, restart_wait_s: float, section: str = "resources.sft"):
     """``FailureConfig``: ``max_failures`` lost worker groups (a dead worker or node) are restarted; with
     ``restart_wait_s`` > 0 a start that finds no room for the group within that time fails the run
     (``controller_failure_limit=0``) instead of retrying forever."""
     from ray.train import FailureConfig
 
     if restart_wait_s < 0:
-        raise ConfigError(f"resources.sft.restart_wait_s: must be >= 0, got {restart_wait_s}")
+        raise ConfigError(f"{section}.restart_wait_s: must be >= 0, got {restart_wait_s}")
     if restart_wait_s == 0:
         return FailureConfig(max_failures=max_failures)
     return FailureConfig(max_failures=max_failures, controller_failure_limit=0)

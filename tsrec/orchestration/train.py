@@ -174,7 +174,8 @@ def launch(cfg: Config, stage: str, worker, identity: str, inputs: dict[str, Pat
         delete_tree(run_uri(run.storage, run.name), run.endpoint)  # checkpoints and artifacts: nothing to resume from
     ensure_ray(cfg)
     loop = loop_config(cfg, inputs["model"], inputs["data"], inputs["sids"], inputs["semantics"], run.artifacts, run.endpoint)
-    return run, fit_trainer(worker, loop, res, run.name, run.storage, run.endpoint, max_failures)
+    return run, fit_trainer(worker, loop, res, run.name, run.storage, run.endpoint, max_failures,
+                            section=f"resources.{stage}")
 
 
 def run_uri(storage: str, name: str) -> str:
@@ -211,7 +212,7 @@ def collect_outputs(artifacts: str, endpoint: str, stage: Path) -> str:
 
 
 def fit_trainer(worker, loop_config: dict[str, Any], res, name: str, storage: str, endpoint: str, max_failures: int,
-                callbacks: list | None = None):
+                callbacks: list | None = None, section: str = "resources.sft"):
     """Build and run the ``TorchTrainer`` of a training run (SFT, RL, a Tune trial); returns its result,
     raises its error.
 
@@ -219,7 +220,7 @@ def fit_trainer(worker, loop_config: dict[str, Any], res, name: str, storage: st
     checkpoints in ``storage`` under ``name`` (``ray_storage``: a custom S3 endpoint is handed over as a
     filesystem), ``max_failures`` lost worker groups restarted (``failure_config``, ``res.restart_wait_s``),
     two checkpoints kept, Ray Train's INFO lines off the console of a quiet `tsrec run`; ``callbacks`` (a
-    Tune trial's report callback) go to the run config.
+    Tune trial's report callback) go to the run config; ``section`` names ``res`` in errors.
     """
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -234,7 +235,7 @@ def fit_trainer(worker, loop_config: dict[str, Any], res, name: str, storage: st
                                      resources_per_worker=worker_resources, placement_strategy=res.placement_strategy),
         # Same name + storage on a rerun (or a restored sweep): Ray Train resumes from the last checkpoint.
         run_config=RunConfig(name=name, **ray_storage(storage, endpoint), callbacks=callbacks,
-                             failure_config=failure_config(max_failures, res.restart_wait_s),
+                             failure_config=failure_config(max_failures, res.restart_wait_s, section),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              logging_config=train_logging_config()),  # quiet `tsrec run`: WARNING
     )

@@ -14,32 +14,49 @@
    ``sft.best_metric`` from ``tune.metric``, so its ``best/`` model is its best-metric step); every report goes to Tune
    through :class:`_Report` (``eval/x`` -> ``valid_x``, ``steps`` = step + 1), ASHA stops on ``tune.metric``
    with ``steps`` as its time. Each start appends a marker under ``<tune>/trial_starts/``.
-4. Resume: the experiment lives in ``<tune>/ray/sweep``; rerunning the same command restores it
-   (``Tuner.restore``): finished trials keep their results, unfinished ones restart and their
-   ``TorchTrainer`` (same name and storage) resumes from its last checkpoint.
-5. Outputs in ``<run.out_dir>/<tune.dir>/``: results.csv, results.md, metric_vs_step.png,
-   best_by_depth_weight.png, best_config.yaml, best_model/ (HF folder), best_test_eval/ (eval_test).
+4. Resume: the experiment lives in ``<tune>/ray/sweep-<identity>`` (``tsrec.tune.identity``: the resolved
+   config minus where outputs go, the space, scheduler and search settings, the upstream folders'
+   fingerprints); rerunning the same command restores it (``Tuner.restore``): finished trials keep their
+   results, unfinished ones restart and their ``TorchTrainer`` (same name and storage) resumes from its last
+   checkpoint. A changed space, base config or upstream has another identity: a new experiment in its own
+   folder (the old outputs in ``<tune>/`` are removed first, so they always belong to ``<tune>/sweep.json``).
+   Model inits are keyed on the model/sa_init sections, the seed and the SID and teacher-file fingerprints.
+5. Outputs in ``<run.out_dir>/<tune.dir>/``: sweep.json, results.csv, results.md, metric_vs_step.png,
+   best_by_depth_weight.png, best_config.yaml, best_model/ (HF folder; copied again only when the best
+   trial or its model changed), best_test_eval/ (eval_test). Equal metrics are ranked by
+   ``tsrec.tune.results.trial_rows``'s tie-break, so a rerun picks the same best trial.
+6. Console: Ray's own progress and INFO lines go to ``<run.out_dir>/logs/ray.log`` (``verbose``: the console),
+   as for ``tsrec run``; the sweep prints its own lines and ends with the results table.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tsrec.config import Config
+from tsrec.tune.identity import (experiment_dir, identity_payload, recorded_identity, sweep_identity,
+                                 upstream_fingerprints)
 from tsrec.tune.space import (Param, apply_params, check_resources, count_trials, init_key, init_variants,
                               parse_space, sft_best_metric, trial_config)
 
 UPSTREAM = ("data", "sid", "semantics")
-EXPERIMENT = "sweep"
+# What a sweep writes in <tune>/ besides its experiment, trials and inits: removed when the sweep changed.
+OUTPUTS = ("results.csv", "results.md", "metric_vs_step.png", "best_by_depth_weight.png", "best_config.yaml",
+           "summary.json", "best_model", "best_model.json", "best_test_eval")
 
 
-def run_tune(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the sweep of ``cfg.tune``; returns the summary written to ``<tune>/summary.json``."""
+def run_tune(cfg: Config, log: Callable[[str], None] = print, verbose: bool = False) -> dict[str, Any]:
+    """Run (or resume) the sweep of ``cfg.tune``; returns the summary written to ``<tune>/summary.json``.
+
+    Ray's own progress and INFO lines go to ``<run.out_dir>/logs/ray.log`` unless ``verbose`` (or this process
+    is already connected to Ray)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -52,7 +69,7 @@ def run_tune(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     n_trials = count_trials(params, t)
     root = Path(cfg.run.out_dir).resolve()
     tune_dir = root / t.dir
-    ensure_ray(cfg)
+    ensure_ray(cfg, log_dir=None if verbose else root / "logs")
     concurrent = check_resources(t, n_trials, ray.cluster_resources())  # before anything starts
     log(f"[tsrec tune] {n_trials} trial(s), {concurrent} at once, metric {t.metric} ({t.mode}) -> {tune_dir}")
 
@@ -60,16 +77,17 @@ def run_tune(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     _upstream(cfg, root, log)
     base = cfg.to_dict()
     base["run"]["out_dir"] = str(root)
-    inits = {}
+    inputs = upstream_fingerprints(root)  # after the upstream stages: what the trials will read
+    identity = sweep_identity(base, inputs)
+    exp_path = _claim(tune_dir, identity, identity_payload(base, inputs), log)
     for values in init_variants(params):
         icfg = apply_params(base, values)
-        inits[init_key(icfg)] = _init(icfg, root, tune_dir / "inits" / init_key(icfg), log)
+        _init(icfg, root, tune_dir / "inits" / init_key(icfg, inputs), log)
 
     # --- the Tuner (new or restored) ---
-    trainable = tune.with_resources(_make_trial_fn(base, root, tune_dir),
+    trainable = tune.with_resources(_make_trial_fn(base, root, tune_dir, inputs),
                                     {"CPU": t.resources.driver_cpus})
-    storage = tune_dir / "ray"
-    exp_path = storage / EXPERIMENT
+    storage = exp_path.parent
     if tune.Tuner.can_restore(str(exp_path)):
         log(f"[tsrec tune] resuming the sweep in {exp_path}")
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -83,13 +101,63 @@ def run_tune(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         tuner = tune.Tuner(
             trainable, param_space={"params": _space(params, tune)},
             tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, scheduler=scheduler, search_alg=_searcher(cfg, concurrent),
-                                        num_samples=t.num_samples, max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(storage), verbose=0))
-    grid = tuner.fit()
+                                        num_samples=t.num_samples,
+                                        # the random/grid generator limits itself (see _searcher); Tune would
+                                        # ignore the value with a console warning
+                                        max_concurrent_trials=concurrent if t.search == "optuna" else None),
+            run_config=tune.RunConfig(name=exp_path.name, storage_path=str(storage), verbose=0))
+    with _tune_console(verbose):
+        grid = tuner.fit()
 
     # --- outputs ---
-    trials = [_record(r, base) for r in grid]
-    return _write_outputs(cfg, base, trials, tune_dir, root, log)
+    trials = sorted((_record(r, base) for r in grid), key=lambda r: str(r["trial_id"]))
+    return _write_outputs(cfg, base, trials, tune_dir, root, log, identity)
+
+
+@contextmanager
+def _tune_console(verbose: bool):
+    """Around ``Tuner.fit``: Tune's new output engine prints its experiment box and "View detailed results here"
+    even at ``verbose=0``; a quiet sweep uses the old engine, silent at 0 (``RAY_AIR_NEW_OUTPUT=0``, read when
+    the fit starts). The variable is restored afterwards (tests run several sweeps in one process)."""
+    if verbose:
+        yield
+        return
+    old = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = old
+
+
+def _claim(tune_dir: Path, identity: str, payload: dict[str, Any], log) -> Path:
+    """Make ``<tune>/`` the folder of the sweep ``identity`` and return its Tune experiment folder
+    (``<tune>/ray/sweep-<identity>``: restored if it holds a saved experiment, else created).
+
+    When ``sweep.json`` names another sweep (or none), the outputs in ``<tune>/`` (table, plots, best config and
+    model, summary) are removed, so nothing there can be read as this sweep's; the other sweep's experiment folder
+    stays (rerunning that sweep restores it). Then ``sweep.json`` records this sweep."""
+    from tsrec.artifacts import atomic_write_json
+
+    old = recorded_identity(tune_dir)
+    if old is not None and old != identity:
+        log(f"[tsrec tune] the sweep changed (config, space or upstream inputs): identity {old} -> {identity}; "
+            f"a new experiment in {experiment_dir(tune_dir, identity)} (the old one stays in "
+            f"{experiment_dir(tune_dir, old)}); removing the old sweep's outputs from {tune_dir}")
+    if old != identity:
+        for name in OUTPUTS:
+            f = tune_dir / name
+            if f.is_dir():
+                shutil.rmtree(f)
+            else:
+                f.unlink(missing_ok=True)
+        tune_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(tune_dir / "sweep.json", json.loads(json.dumps(
+            {"identity": identity, "experiment": str(experiment_dir(tune_dir, identity)), **payload}, default=str)))
+    return experiment_dir(tune_dir, identity)
 
 
 def _space(params: list[Param], tune) -> dict[str, Any]:
@@ -141,7 +209,7 @@ def _init(cfg: Config, root: Path, out: Path, log) -> Path:
     return out
 
 
-def _make_trial_fn(base: dict[str, Any], root: Path, tune_dir: Path):
+def _make_trial_fn(base: dict[str, Any], root: Path, tune_dir: Path, inputs: dict[str, Any]):
     def trial(config: dict[str, Any]) -> None:
         from ray import tune
 
@@ -156,9 +224,10 @@ def _make_trial_fn(base: dict[str, Any], root: Path, tune_dir: Path):
         storage, name, endpoint = str(tune_dir / "trials"), f"trial-{trial_id}", cfg.run.storage_endpoint
         # Same name + storage on a restored sweep: Ray Train resumes this trial from its last checkpoint.
         result = fit_trainer(
-            sft_worker, loop_config(cfg, tune_dir / "inits" / init_key(cfg), root / "data", root / "sids", sem,
+            sft_worker, loop_config(cfg, tune_dir / "inits" / init_key(cfg, inputs), root / "data", root / "sids", sem,
                                     artifacts_uri(storage, name), endpoint),
-            cfg.tune.resources, name, storage, endpoint, cfg.sft.max_failures, callbacks=[_Report()])
+            cfg.tune.resources, name, storage, endpoint, cfg.sft.max_failures, callbacks=[_Report()],
+            section="tune.resources")
         # Tells the results table this trial ran to its end (not stopped by the scheduler). Tune wants the
         # metric in every result: the last evaluation's values (the loop always evaluates its last step).
         tune.report({**_rename(result.metrics or {}), "sft_finished": 1})
@@ -218,7 +287,7 @@ def _isnan(v) -> bool:
     return isinstance(v, float) and v != v
 
 
-def _write_outputs(cfg: Config, base, trials, tune_dir: Path, root: Path, log) -> dict[str, Any]:
+def _write_outputs(cfg: Config, base, trials, tune_dir: Path, root: Path, log, identity: str) -> dict[str, Any]:
     from tsrec.artifacts import atomic_write_json
     from tsrec.tune.results import (best_trial, plot_heatmap, plot_metric_vs_step, trial_rows, write_best_config,
                                     write_tables)
@@ -229,7 +298,7 @@ def _write_outputs(cfg: Config, base, trials, tune_dir: Path, root: Path, log) -
     plot_metric_vs_step(trials, t.metric, tune_dir / "metric_vs_step.png")
     plot_heatmap(rows, t.metric, t.mode, base, tune_dir / "best_by_depth_weight.png")
     best = best_trial(trials, t.metric, t.mode)
-    summary: dict[str, Any] = {"trials": len(trials), "metric": t.metric, "mode": t.mode,
+    summary: dict[str, Any] = {"sweep": identity, "trials": len(trials), "metric": t.metric, "mode": t.mode,
                                "stopped_early": sum(bool(r["stopped_early"]) for r in rows),
                                "errors": sum(r["status"] == "error" for r in rows), "out": str(tune_dir)}
     if best is not None:
@@ -237,31 +306,52 @@ def _write_outputs(cfg: Config, base, trials, tune_dir: Path, root: Path, log) -
         summary.update(best_trial=best["trial_id"], best_params=best["params"],
                        best_metric=rows[0][f"best_{t.metric}"])
         if t.export_best:
-            summary["best_model"] = str(_export_best(best, tune_dir))
+            dest, copied = _export_best(best, tune_dir)
+            summary["best_model"] = str(dest)
             if t.eval_test:
                 from tsrec.orchestration.evaluate import run_eval
 
-                ecfg = trial_config(base, best["params"])
-                ecfg.eval.split = "test"
-                summary["best_test"] = run_eval(ecfg, tune_dir / "best_model", root / "data", root / "sids",
-                                                tune_dir / "best_test_eval")
+                previous = _read_json(tune_dir / "summary.json")
+                if not copied and "best_test" in previous and previous.get("best_trial") == best["trial_id"]:
+                    summary["best_test"] = previous["best_test"]  # the same model was evaluated already
+                else:
+                    ecfg = trial_config(base, best["params"])
+                    ecfg.eval.split = "test"
+                    summary["best_test"] = run_eval(ecfg, dest, root / "data", root / "sids",
+                                                    tune_dir / "best_test_eval")
     atomic_write_json(tune_dir / "summary.json", json.loads(json.dumps(summary, default=str)))
     log((tune_dir / "results.md").read_text())
     log(f"[tsrec tune] results: {tune_dir / 'results.md'}; best config: {tune_dir / 'best_config.yaml'}")
     return summary
 
 
-def _export_best(best: dict[str, Any], tune_dir: Path) -> Path:
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _export_best(best: dict[str, Any], tune_dir: Path) -> tuple[Path, bool]:
     """The best trial's ``best/`` HF folder (its best ``tune.metric`` step: ``sft.best_metric``; else its final
-    one) -> ``<tune>/best_model``."""
+    one) -> ``<tune>/best_model``; returns ``(best_model, copied)``. ``<tune>/best_model.json`` names the
+    trial and the source folder's fingerprint: when they still match, the folder is not copied again."""
+    from tsrec.artifacts import atomic_write_json
+    from tsrec.tune.identity import fingerprint
+
     arts = tune_dir / "trials" / f"trial-{best['trial_id']}" / "artifacts"
     src = arts / "best" if (arts / "best" / "config.json").exists() else arts / "final"
     dest = tune_dir / "best_model"
     if not (src / "config.json").exists():
         raise FileNotFoundError(f"{src}: the best trial left no model folder")
+    source = {"trial_id": best["trial_id"], "source": src.name, "fingerprint": fingerprint(src)}
+    if (dest / "config.json").exists() and _read_json(tune_dir / "best_model.json") == source:
+        return dest, False
     tmp = tune_dir / ".best_model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
+    (tune_dir / "best_model.json").unlink(missing_ok=True)  # no claim while the folder is being replaced
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
-    return dest
+    atomic_write_json(tune_dir / "best_model.json", source)
+    return dest, True

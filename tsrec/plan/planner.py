@@ -21,7 +21,11 @@ token) is kept, plus one layer's full activations while it is recomputed.
 Logits (R6, METHOD.md section 5): only supervised positions reach the LM head; per such position the
 fp32 logits row, the saved log-softmax and its gradient = 12 bytes x vocab.
 
-Buffers: ZeRO-3's gradient reduce bucket (5e8 elements, allocated at initialisation; measured on CPU).
+Buffers: ZeRO-3's gradient reduce bucket (allocated at initialisation; measured on CPU with DeepSpeed's
+default 5e8 elements). On GPUs the loops run ZeRO-2/3 with ``overlap_comm`` and buckets of ``GPU_BUCKET``
+elements (``tsrec/train/engine.py``): the reduce bucket is that size, and overlapping needs about 4.5x the
+reduce + all-gather buckets (DeepSpeed's ZeRO documentation) on top. ``Setup.overlap_comm`` False plans the
+CPU measurement's setting.
 
 Overhead: a fixed ``overhead_gib`` (default 2 GiB) for the CUDA context, NCCL and DeepSpeed's
 communication buckets; it is a round guess, not fitted to any measurement.
@@ -37,6 +41,8 @@ from tsrec.config import ConfigError
 
 GIB = 1024**3
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
+GPU_BUCKET = 100_000_000  # the loops' reduce/all-gather bucket on GPUs (tsrec.train.engine.GPU_BUCKET)
+OVERLAP_FACTOR = 4.5  # overlap_comm's buffers, in (reduce + all-gather) bucket sizes
 PRESETS = Path(__file__).resolve().parent / "presets"
 
 
@@ -137,6 +143,8 @@ class Setup:
     headroom: float = 0.10
     # RL only: rollout (the KV cache of G beams of prompt + completion) and the frozen reference model.
     rl_completion_len: int = 5
+    # GPU training: ZeRO-2/3 with overlap_comm and GPU_BUCKET buckets (the loops' setting on GPUs).
+    overlap_comm: bool = True
 
     def __post_init__(self):
         for k in ("gpus_per_node", "nodes", "seq_len", "micro_batch"):
@@ -240,8 +248,12 @@ def evaluate(b: Backbone, setup: Setup, zero_stage: int, offload_optimizer: bool
     tokens = setup.seq_len * setup.micro_batch
     gib = dict(states)
     # ZeRO-3 with contiguous gradients (the SFT loop's setting) allocates one gradient reduce bucket of
-    # reduce_bucket_size (DeepSpeed default 5e8) elements on the device at initialisation.
-    gib["buffers"] = REDUCE_BUCKET * (2 if setup.precision == "bf16" else 4) if zero_stage == 3 else 0
+    # reduce_bucket_size elements on the device at initialisation; overlap_comm (GPU, ZeRO-2/3) adds its
+    # double buffers (module doc).
+    elem = 2 if setup.precision == "bf16" else 4
+    bucket = GPU_BUCKET if setup.overlap_comm else REDUCE_BUCKET
+    gib["buffers"] = (bucket * elem if zero_stage == 3 else 0) + (
+        OVERLAP_FACTOR * 2 * bucket * elem if setup.overlap_comm and zero_stage in (2, 3) else 0)
     gib["activations"] = activation_bytes(b, setup, checkpointing, tokens)
     if setup.stage == "sft":
         gib["logits"] = tokens * setup.supervised_fraction * b.vocab * 12

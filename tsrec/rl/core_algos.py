@@ -67,13 +67,22 @@ GRPO normalisation applied per level inside each group::
 so a completion whose first level is right (or close) gets a positive advantage on that token even when
 its last level is wrong; the suffix tokens (``\\n``, EOS, forced by the constraints) get A^sem = 0.
 
+The std in that formula has a floor tied to the reward's scale, not only the ``eps`` of the ranking
+advantage: ``std_g`` is replaced by ``max(std_g, 1 / sqrt(G))``, the std of a group in which exactly one
+completion has similarity 1 (an exact token) and the others 0. Similarities lie in [0, 1], and groups where
+almost every completion scores 0 are the common case; with only ``eps`` a single near-zero similarity would
+be blown up to a full-size advantage (one 0.02 against fifteen 0s: A = 3.68, an exact hit's scale 3.75).
+With the floor that completion gets 0.075, proportional to its similarity, while any group whose spread is
+at least that of one exact match (the informative groups) is normalised exactly as GRPO does, so
+``w_sem`` keeps its meaning there. A constant group still gets A^sem = 0.
+
 **ranking+semantic**: ``A_{i,t} = A^rank_i + w_sem * A^sem_{i,t}`` (``rl.semantic_weight``), i.e. the
 sequence advantage on every completion token plus the semantic per-token advantage on the SID tokens.
 Both terms are already group-normalised, so ``w_sem`` is their relative scale.
 
-Guards (R7): :func:`rollout_stats` gives the per-step checks (completion length, share of groups that
-contain the target, reward std, invalid SIDs); :class:`DegenerateRolloutGuard` raises
-:class:`DegenerateRolloutError` on degenerate rollouts.
+Guards (R7): :class:`DegenerateRolloutGuard` raises :class:`DegenerateRolloutError` on degenerate
+rollouts (completion length, invalid SIDs, constant rewards), from per-step figures the trainer sums over
+all workers (``tsrec.rl.loop._global_stats``).
 """
 
 from __future__ import annotations
@@ -165,11 +174,12 @@ def ranking_rewards(hits: torch.Tensor, ranks: torch.Tensor | None = None, rule_
 # --------------------------------------------------------------------------------------------------
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = ADV_EPS) -> torch.Tensor:
-    """GRPO advantages per group: ``(R - mean_g R) / (std_g R + eps)``, unbiased std, along dim 1.
+def group_advantages(rewards: torch.Tensor, eps: float = ADV_EPS, std_floor: float = 0.0) -> torch.Tensor:
+    """GRPO advantages per group: ``(R - mean_g R) / (max(std_g R, std_floor) + eps)``, unbiased std, along dim 1.
 
     ``rewards`` is ``(B, G)`` (one group per row) or ``(B, G, L)`` (normalised per level: the semantic
-    per-token case). A group of one has no standard deviation, so G must be at least 2.
+    per-token case). A group of one has no standard deviation, so G must be at least 2. ``std_floor`` 0
+    (the ranking advantage, upstream) is the plain formula.
     """
     if rewards.dim() not in (2, 3):
         raise ValueError(f"rewards must be (B, G) or (B, G, L), got {tuple(rewards.shape)}")
@@ -177,7 +187,7 @@ def group_advantages(rewards: torch.Tensor, eps: float = ADV_EPS) -> torch.Tenso
         raise ValueError(f"group size {rewards.shape[1]} < 2: the unbiased std of a group needs two completions")
     r = rewards.float()
     mean = r.mean(dim=1, keepdim=True)
-    std = r.std(dim=1, unbiased=True, keepdim=True)
+    std = r.std(dim=1, unbiased=True, keepdim=True).clamp(min=std_floor)
     return (r - mean) / (std + eps)
 
 
@@ -319,11 +329,18 @@ def semantic_token_rewards(sim: TokenSimilarity, completion_codes: torch.Tensor,
     return out
 
 
-def semantic_advantages(token_rewards: torch.Tensor, eps: float = ADV_EPS) -> torch.Tensor:
-    """``(B, G, L)`` per-token advantages: :func:`group_advantages` applied per level inside each group."""
+def semantic_std_floor(group_size: int) -> float:
+    """``1 / sqrt(G)``: the unbiased std of a group with one similarity 1 and G - 1 zeros (module docstring)."""
+    return 1.0 / math.sqrt(group_size)
+
+
+def semantic_advantages(token_rewards: torch.Tensor, eps: float = ADV_EPS, std_floor: float | None = None) -> torch.Tensor:
+    """``(B, G, L)`` per-token advantages: :func:`group_advantages` per level inside each group, the std
+    floored at ``std_floor`` (``None`` = :func:`semantic_std_floor` of G; see the module docstring)."""
     if token_rewards.dim() != 3:
         raise ValueError(f"token rewards must be (B, G, L), got {tuple(token_rewards.shape)}")
-    return group_advantages(token_rewards, eps)
+    floor = semantic_std_floor(token_rewards.shape[1]) if std_floor is None else std_floor
+    return group_advantages(token_rewards, eps, floor)
 
 
 def combine_advantages(reward: RewardMode, sequence_adv: torch.Tensor | None, token_adv: torch.Tensor | None,
@@ -568,29 +585,6 @@ def mix_into_reference_(ref_params: Iterable[torch.Tensor], policy_params: Itera
 
 class DegenerateRolloutError(RuntimeError):
     """The rollouts of the run are degenerate (invalid SIDs, wrong completion length, or constant rewards)."""
-
-
-def rollout_stats(rewards: torch.Tensor, hits: torch.Tensor, completion_lengths: torch.Tensor,
-                  invalid_sids: int = 0) -> dict[str, float]:
-    """Per-step checks (R7): reward mean/std, share of groups containing the target, its mean rank, lengths.
-
-    Args:
-        rewards: ``(B, G)`` total rewards.
-        hits: ``(B, G)`` bool.
-        completion_lengths: ``(B*G,)`` counted tokens per completion (``mask.sum(1)``).
-        invalid_sids: completions that are not catalogue SIDs.
-    """
-    group_hit = hits.any(dim=1)
-    ranks = hits.float().argmax(dim=1).float()
-    return {
-        "reward_mean": float(rewards.float().mean()),
-        "reward_std": float(rewards.float().std(unbiased=True)) if rewards.numel() > 1 else 0.0,
-        "hit_share": float(group_hit.float().mean()),
-        "target_rank": float(ranks[group_hit].mean()) if bool(group_hit.any()) else math.nan,
-        "completion_len_min": float(completion_lengths.min()),
-        "completion_len_max": float(completion_lengths.max()),
-        "invalid_sids": float(invalid_sids),
-    }
 
 
 class DegenerateRolloutGuard:

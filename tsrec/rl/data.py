@@ -1,7 +1,7 @@
 """RL prompts (METHOD.md 1.7): the four RL tasks, every sample carrying its own target SID (R8).
 
 Stage: RL. Inputs: a prepared data folder (``items.parquet`` with ``title``, ``description`` and, for
-MiniOneRec sources, ``description_raw``; ``train.parquet``, ``valid.parquet``) and a SID folder
+MiniOneRec sources, ``description_raw``; ``train.parquet``) and a SID folder
 (``index.json``). Every prompt comes from :mod:`tsrec.prompts` with ``stage="rl"`` (in ``upstream``
 mode: no preamble, METHOD.md 1.7; in ``canonical`` mode: the SFT wording with preamble).
 
@@ -54,7 +54,6 @@ from tsrec import prompts
 from tsrec.artifacts import InputError
 from tsrec.data.schema import item_sid, read_items, read_split, split_rows  # the split readers SFT uses too
 from tsrec.sid.index import SidIndex, read_index, split_sid
-from tsrec.train.ranking import valid_sample
 
 RL_TASKS = ("sid_history", "title", "description", "title_history")
 # RL task -> prompt template name in tsrec.prompts.
@@ -83,10 +82,9 @@ class RlSample:
 
 @dataclass
 class RlData:
-    """RL train prompts (shuffled once with ``run.seed``), valid prompts, and counts for the manifest."""
+    """RL train prompts (shuffled once with ``run.seed``) and counts for the manifest."""
 
     train: list[RlSample]
-    valid: list[RlSample]
     counts: dict[str, int] = field(default_factory=dict)  # per task, in RL_TASKS order
     dropped: dict[str, int] = field(default_factory=dict)  # why samples were not made, e.g. empty descriptions
 
@@ -105,7 +103,7 @@ def build_rl_data(cfg, data_dir: str | Path, sids_dir: str | Path) -> RlData:
 
     Args:
         cfg: the full config (reads ``rl.tasks``, ``rl.title_history_rows``, ``rl.title_history_seed``,
-            ``rl.valid_sample_size``, ``prompts.mode``, ``run.seed``).
+            ``prompts.mode``, ``run.seed``).
         data_dir: prepared data folder.
         sids_dir: folder with ``index.json`` (or the index file).
 
@@ -140,11 +138,8 @@ def build_rl_data(cfg, data_dir: str | Path, sids_dir: str | Path) -> RlData:
     train = [s for t in RL_TASKS for s in by_task.get(t, [])]
     random.Random(seed).shuffle(train)
 
-    valid_path = Path(data_dir) / "valid.parquet"
-    valid_rows = split_rows(read_split(data_dir, "valid"))
-    valid = sid_history_samples(valid_rows, index, mode, valid_path)
-    valid = [valid[i] for i in valid_sample(len(valid), rl.valid_sample_size, seed)]
-    return RlData(train=train, valid=valid, counts={t: len(by_task.get(t, [])) for t in RL_TASKS}, dropped=dropped)
+    # The valid rows the loop scores are the evaluation's (tsrec.train.ranking.valid_ranking_rows), not RL prompts.
+    return RlData(train=train, counts={t: len(by_task.get(t, [])) for t in RL_TASKS}, dropped=dropped)
 
 
 def processed_description(raw: str, mode: str = "upstream") -> str:

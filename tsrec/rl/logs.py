@@ -1,18 +1,10 @@
-"""RL's logs and summary: ``metrics.csv``, TensorBoard, ``rl.png``, and the start-vs-best valid NDCG@10
-line (:func:`valid_progress`, :func:`progress_line`) that the loop, ``tsrec rl`` and the report print."""
+"""RL's plot (``rl.png``, beside ``metrics.csv`` and TensorBoard: ``tsrec.train.metrics.save_logs``) and the
+start-vs-best valid NDCG@10 line (:func:`valid_progress`, :func:`progress_line`) that the loop, ``tsrec rl`` and the report print."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-from tsrec.train.metrics import write_run_logs
-
-
-def write_rl_logs(rows: list[dict], out_dir: Path) -> None:
-    """``metrics.csv``, ``tensorboard/`` and ``rl.png`` (reward, KL, valid NDCG@10 against the step)."""
-    write_run_logs(rows, out_dir, plot_rl, "rl.png")
-
 
 def plot_rl(rows: list[dict], path: Path) -> None:
     import matplotlib

@@ -100,7 +100,50 @@ def rl_identity(cfg: Config, inputs: dict[str, Path | None], world_size: int) ->
     evaluation settings its valid metrics (and so its best model) depend on."""
     full = cfg.to_dict()
     extra = {"eval": {"batch_size": full["eval"]["batch_size"], "score_suffix": full["eval"]["score_suffix"]}}
+    if _embeds(cfg.rl):  # the similarity table comes from this encoder
+        extra["embed"] = {k: full["embed"][k] for k in ("encoder", "max_length", "dtype")}
     return ckpt.run_identity(cfg, "rl", NON_IDENTITY_KEYS, inputs, world_size, extra)
+
+
+def _embeds(rl: RlConfig) -> bool:
+    return "semantic" in rl.reward and rl.semantic_similarity == "embedding"
+
+
+def check_rl_config(cfg: Config, semantics_file: Path | None, world: int, n_train: int | None = None) -> None:
+    """Every refusal that does not need the model: called by ``tsrec rl`` before any worker starts
+    (``tsrec.orchestration.rl.run_rl``) and again at the start of :func:`train_rl` (torchrun, tests).
+
+    Raises:
+        ConfigError: sampling at temperature <= 0; ``updates_per_rollout`` < 1, or > 1 with ``clip_eps`` <= 0;
+            a negative ``semantic_weight``; a semantic reward without the teacher file; the ``embedding``
+            similarity without a loadable encoder folder (``embed.encoder``, else the packaged
+            all-MiniLM-L6-v2); the batch sizes of :func:`rl_sizes` (``n_train`` None: not the prompt count).
+    """
+    from tsrec.pretrained import MissingWeightsError, default_encoder_path
+
+    rl = cfg.rl
+    if rl.rollout == "sample" and not rl.temperature > 0:
+        raise ConfigError(f"rl.temperature must be > 0 for rl.rollout=sample, got {rl.temperature}")
+    if rl.updates_per_rollout < 1:
+        raise ConfigError(f"rl.updates_per_rollout={rl.updates_per_rollout}: at least one update per rollout")
+    if rl.updates_per_rollout > 1 and not rl.clip_eps > 0:
+        raise ConfigError(f"rl.updates_per_rollout={rl.updates_per_rollout} needs rl.clip_eps > 0, got {rl.clip_eps}")
+    if rl.semantic_weight < 0:
+        raise ConfigError(f"rl.semantic_weight must be >= 0, got {rl.semantic_weight}")
+    if "semantic" in rl.reward and (semantics_file is None or not Path(semantics_file).exists()):
+        raise ConfigError(f"rl.reward={rl.reward} needs the teacher file (--semantics, description_keywords.json), "
+                          f"got {semantics_file}; or set rl.reward=ranking")
+    if _embeds(rl):
+        try:
+            folder = Path(cfg.embed.encoder) if cfg.embed.encoder else default_encoder_path()
+        except MissingWeightsError as e:
+            raise ConfigError(f"rl.semantic_similarity=embedding: {e} (set embed.encoder to a local encoder folder, "
+                              "or use rl.semantic_similarity=jaccard)") from e
+        if not (folder / "config.json").exists():
+            raise ConfigError(f"rl.semantic_similarity=embedding: {folder} is not a Hugging Face encoder folder (no "
+                              "config.json); set embed.encoder, or use rl.semantic_similarity=jaccard")
+    fake_n = rl.prompts_per_step if n_train is None else n_train
+    rl_sizes(rl, fake_n, world)
 
 
 def rl_sizes(rl: RlConfig, n_train: int, world: int) -> dict[str, int]:
@@ -132,16 +175,15 @@ def train_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, seman
     from transformers import AutoTokenizer
 
     from tsrec.decode.constraints import SidConstraints
-    from tsrec.decode.evaluate import upstream_suffix_ids
+    from tsrec.decode.evaluate import score_suffix_enabled, upstream_suffix_ids
     from tsrec.rl.data import build_rl_data, tokenize_rl
     from tsrec.sid.index import read_index
 
     rl = cfg.rl
-    if rl.rollout == "sample" and not rl.temperature > 0:
-        raise ConfigError(f"rl.temperature must be > 0 for rl.rollout=sample, got {rl.temperature}")
     # --- 0. process group and device (the context's) ---
     dist = init_distributed(ctx)
     rank, world, device = dist.rank, dist.world_size, dist.device
+    check_rl_config(cfg, semantics_file, world)
 
     # --- 1. data, constraints, rewards' tables ---
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -156,11 +198,14 @@ def train_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, seman
     if G > constraints.num_sids:
         raise ConfigError(f"rl.group_size={G} exceeds the {constraints.num_sids} catalogue SIDs")
     suffix = upstream_suffix_ids(tok, constraints)  # "\n" + EOS: the completion the SFT model was trained on
+    # Beam rollouts rank a group as the valid evaluation ranks its beams: with the suffix's log-probs in the
+    # score when eval.score_suffix is on (upstream prompts: the default), else by the SID tokens only.
+    score_suffix = score_suffix_enabled(cfg)
     C = L + len(suffix)
     # Each prompt through the decoder once per group in the update and the reference forward (a group's G
     # rows share it); gradient checkpointing turns the decoder's KV cache off, so it runs every row in full.
     shared = G if rl.shared_prompt_forward and not rl.gradient_checkpointing else 1
-    sim, code_of = _semantic_tables(rl, semantics_file, constraints, tok, device)
+    sim, code_of = _semantic_tables(cfg, semantics_file, constraints, tok, device)
     valid = valid_ranking_rows(cfg, data_dir, index, tok, rl.valid_sample_size)
     probe = ValidRanking(cfg, valid, tok, constraints, rl.eval_beams, EVAL_KS, rl.zero_stage, rank, world)
     sizes = rl_sizes(rl, len(train), world)
@@ -217,7 +262,7 @@ def train_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, seman
         t0 = time.perf_counter()
         share = rank_share(train, step, steps_per_epoch, rl.prompts_per_step, cfg.run.seed, rank, world, order_cache)
         batches, sums = rollout_and_score(engine, rl, share, pad_id, constraints, suffix, sim, code_of, tok.eos_token_id,
-                                          (cfg.run.seed, step, rank), L, G, C, device)
+                                          (cfg.run.seed, step, rank), L, G, C, device, score_suffix)
         t_roll = time.perf_counter() - t0
         old_and_reference_logprobs(engine, ref, rl, batches, C, shared)
         loss_sums = update_policy(engine, rl, batches, C, shared)
@@ -271,10 +316,12 @@ def train_rl(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, seman
 
 
 def rollout_and_score(engine, rl: RlConfig, share, pad_id, constraints, suffix, sim, code_of, eos_id,
-                      draw_key: tuple[int, ...], L: int, G: int, C: int, device) -> tuple[list[dict], torch.Tensor]:
+                      draw_key: tuple[int, ...], L: int, G: int, C: int, device,
+                      score_suffix: bool = False) -> tuple[list[dict], torch.Tensor]:
     """5a-b. Rollouts of this rank's prompts, ``prompts_per_micro`` at a time (no grad, policy in eval mode:
     no dropout in the search), then rewards and advantages per micro-batch. Returns the update batches and
-    the rollout's sums for the global statistics (:func:`_global_stats`)."""
+    the rollout's sums for the global statistics (:func:`_global_stats`). ``score_suffix``: beam groups are
+    ranked with the suffix's log-probs in the score (as the valid evaluation with ``eval.score_suffix``)."""
     from tsrec.decode.beam import left_pad
 
     micros = [share[i : i + rl.prompts_per_micro] for i in range(0, len(share), rl.prompts_per_micro)]
@@ -283,7 +330,7 @@ def rollout_and_score(engine, rl: RlConfig, share, pad_id, constraints, suffix, 
     with gathered_policy(engine, rl.zero_stage) as policy:
         for m, mb in enumerate(micros):
             ids, mask = left_pad([s.prompt_ids for s in mb], pad_id, device)
-            ro = _rollout(rl, policy, ids, mask, constraints, G, suffix, (*draw_key, m))
+            ro = _rollout(rl, policy, ids, mask, constraints, G, suffix, (*draw_key, m), score_suffix)
             batches.append(_score(rl, ro, mb, constraints, sim, code_of, eos_id, L, G, C, sums, device))
     return batches, sums
 
@@ -346,13 +393,16 @@ def _print_progress(row: dict[str, Any], step: int, total_steps: int) -> None:
           + (f" valid ndcg@10 {row['eval/ndcg@10']:.4f}" if "eval/ndcg@10" in row else ""), flush=True)
 
 
-def _rollout(rl: RlConfig, policy, ids, mask, constraints, G, suffix, draw_key: tuple[int, ...]):
-    """Beam rollouts, or constrained samples from a generator seeded by ``draw_key`` (seed, step, rank,
-    micro-batch): a resumed or repeated step draws the same completions, whatever ran before it."""
+def _rollout(rl: RlConfig, policy, ids, mask, constraints, G, suffix, draw_key: tuple[int, ...],
+             score_suffix: bool = False):
+    """Beam rollouts (ranked with the suffix scored when ``score_suffix``), or constrained samples from a
+    generator seeded by ``draw_key`` (seed, step, rank, micro-batch): a resumed or repeated step draws the
+    same completions, whatever ran before it. Samples are ranked by their SID tokens' score (the suffix is
+    forced after every SID; its log-probs would only reorder the draws)."""
     from tsrec.decode.rollout import generate_rollouts, sample_rollouts
 
     if rl.rollout == "beam":
-        return generate_rollouts(policy, ids, mask, constraints, G, suffix_ids=suffix)
+        return generate_rollouts(policy, ids, mask, constraints, G, suffix_ids=suffix, score_suffix=score_suffix)
     gen = torch.Generator(device=ids.device)
     gen.manual_seed(int.from_bytes(hashlib.sha256(repr(draw_key).encode()).digest()[:8], "little") & (2**63 - 1))
     return sample_rollouts(policy, ids, mask, constraints, G, rl.temperature, gen, suffix_ids=suffix)
@@ -392,7 +442,7 @@ def _score(rl: RlConfig, ro, mb, constraints, sim, code_of, eos_id, L, G, C, sum
 
 
 def _global_stats(g: torch.Tensor, C: int) -> dict[str, float]:
-    """Global per-step figures from the all-reduced sums (same keys as ``core_algos.rollout_stats``)."""
+    """Global per-step figures from the all-reduced sums (:func:`_score` adds them; the keys the guard reads)."""
     n, groups = max(g[2].item(), 1.0), max(g[10].item(), 1.0)
     var = (g[1].item() - g[0].item() ** 2 / n) / max(n - 1, 1.0)
     hit_groups = g[5].item()
@@ -408,19 +458,25 @@ def _global_stats(g: torch.Tensor, C: int) -> dict[str, float]:
     }
 
 
-def _semantic_tables(rl: RlConfig, semantics_file, constraints, tok, device):
-    """Token-similarity tables and the vocabulary-id -> code lookup, for the semantic rewards (else None)."""
+def _semantic_tables(cfg: Config, semantics_file, constraints, tok, device):
+    """Token-similarity tables and the vocabulary-id -> code lookup, for the semantic rewards (else None).
+    ``embedding``: the teacher descriptions are embedded once here, at the start of the run, by the item-text
+    encoder of the SID stage (``tsrec.embed.TextEncoder`` with the ``embed`` section; on this rank's CPU)."""
+    rl = cfg.rl
     if "semantic" not in rl.reward:
         return None, None
     from tsrec.semantics.records import read_teacher_file
 
-    if semantics_file is None or not Path(semantics_file).exists():
-        raise ConfigError(f"rl.reward={rl.reward} needs the teacher file (--semantics, description_keywords.json)")
-    if rl.semantic_similarity != "jaccard":
-        raise ConfigError("rl.semantic_similarity=embedding is not wired into the training loop yet; use jaccard")
     code_of = ca.sid_code_lookup(tok.get_vocab(), len(tok)).to(device)
     num_codes = [int(code_of[ids].max()) + 1 for ids in constraints.level_token_ids]
-    sim = ca.build_token_similarity(read_teacher_file(semantics_file), num_codes, method="jaccard").to(device)
+    records = read_teacher_file(semantics_file)
+    embed_fn = None
+    if rl.semantic_similarity == "embedding":
+        from tsrec.embed import TextEncoder, encoder_kwargs
+
+        encoder = TextEncoder(**{**encoder_kwargs(cfg.embed), "device": "cpu"})
+        embed_fn = lambda texts: torch.from_numpy(encoder.encode(texts))  # noqa: E731
+    sim = ca.build_token_similarity(records, num_codes, method=rl.semantic_similarity, embed_fn=embed_fn).to(device)
     return sim, code_of
 
 

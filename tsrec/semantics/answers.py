@@ -4,7 +4,9 @@ Errors (:class:`AnswerError`, the answer is unusable): no complete JSON object (
 a missing key, an empty description, keywords not a list of strings or empty after cleaning, a SID
 token string in the text, and, when a :class:`Contract` is given (the hf and vllm engines), any breach
 of the METHOD.md 1.4 contract: description words or keyword count out of range, duplicate keywords,
-stopword-only keyphrases ("of", "the"), over-long keyphrases, URLs, runs copied from the instruction.
+stopword-only keyphrases ("of", "the"), one word repeated as a keyphrase ("Laser Laser Laser"), a description
+that repeats a phrase (a 3-word run occurring 3 or more times), over-long keyphrases, URLs, runs copied from the
+instruction.
 Warnings (without a contract) (the record is kept and the warning recorded): description words or
 keyword count outside the contract, over-long keyphrases, dropped duplicate keywords, text around the
 JSON object. Key case is normalised (``"Keywords"`` is the ``keywords`` key).
@@ -27,6 +29,8 @@ STOPWORDS = frozenset(
     "that the their them these they this those to with without".split())
 URL_RE = re.compile(r"https?://|\bwww\.|\b[\w-]+\.(?:com|net|org|io|co\.uk)\b", re.IGNORECASE)
 _WORD_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+# Bumped whenever a rule is added or tightened: a record accepted under an older contract may break this one.
+CONTRACT_VERSION = 2
 
 
 def is_stopword_phrase(keyphrase: str) -> bool:
@@ -34,12 +38,40 @@ def is_stopword_phrase(keyphrase: str) -> bool:
     return all(w in STOPWORDS for w in _WORD_RE.findall(keyphrase.lower()))
 
 
+def is_repeated_word_phrase(keyphrase: str) -> bool:
+    """True when ``keyphrase`` is one word said two or more times and nothing else (case-insensitive:
+    "Laser Laser", "crystal Crystal CRYSTAL"); "Laser" alone or "laser laser cutter" is not."""
+    words = _WORD_RE.findall(keyphrase.lower())
+    return len(words) >= 2 and len(set(words)) == 1
+
+
+def repeated_run(description: str, n: int, max_repeats: int) -> tuple[str, int]:
+    """The most frequent run of ``n`` consecutive words (case-insensitive, overlapping runs counted) when it
+    occurs more than ``max_repeats`` times, with its count; ``("", 0)`` otherwise or when ``n`` or
+    ``max_repeats`` is 0 (off). A description saying the same thing over and over ("... staples and glue.
+    ... staples and glue. ... staples and glue.") has such a run; the 560 descriptions of the authors'
+    Industrial_and_Scientific teacher file repeat no 3-word run even twice."""
+    if n <= 0 or max_repeats <= 0:
+        return "", 0
+    words = _WORD_RE.findall(description.lower())
+    counts: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        counts[gram] = counts.get(gram, 0) + 1
+    if not counts:
+        return "", 0
+    gram, count = max(counts.items(), key=lambda kv: kv[1])  # first-seen wins ties: deterministic
+    return (" ".join(gram), count) if count > max_repeats else ("", 0)
+
+
 def keyphrase_problem(keyphrase: str, max_words: int = 0) -> str:
-    """Why one keyphrase would break the contract on its own ('' = none): stopword-only, a URL, over
-    ``max_words`` words (0 = no limit). The guided decoder asks this before it lets a keyphrase close,
-    so decoding and validation apply the same rules."""
+    """Why one keyphrase would break the contract on its own ('' = none): stopword-only, one word repeated,
+    a URL, over ``max_words`` words (0 = no limit). The guided decoder asks this before it lets a keyphrase
+    close, so decoding and validation apply the same rules."""
     if is_stopword_phrase(keyphrase):
         return "stopword keyphrase"
+    if is_repeated_word_phrase(keyphrase):
+        return "repeated-word keyphrase"
     if URL_RE.search(keyphrase):
         return "URL in a keyphrase"
     if max_words and len(keyphrase.split()) > max_words:
@@ -53,6 +85,8 @@ class Contract:
 
     Limits come from ``teacher.*`` (:meth:`from_config`). ``instruction`` is the prompt's instruction text;
     a description holding a run of ``instruction_copy_words`` of its words copies the instruction.
+    A description in which a run of ``repeat_run_words`` words occurs more than ``max_run_repeats`` times
+    repeats itself (either 0 = off); a keyphrase that is one word repeated is a breach as well.
     """
 
     min_words: int = 55
@@ -62,6 +96,8 @@ class Contract:
     max_keyword_words: int = 6
     instruction_copy_words: int = 6
     instruction: str = ""
+    repeat_run_words: int = 3
+    max_run_repeats: int = 2
 
     @classmethod
     def from_config(cls, tcfg: Any, instruction: str = "") -> "Contract":
@@ -82,6 +118,13 @@ class Contract:
         stop = [k for k in keywords if is_stopword_phrase(k)]
         if stop:
             out.append(f"stopword keyphrase(s) {stop[:3]}")
+        same = [k for k in keywords if is_repeated_word_phrase(k)]
+        if same:
+            out.append(f"repeated-word keyphrase(s) {same[:3]}")
+        run, count = repeated_run(description, self.repeat_run_words, self.max_run_repeats)
+        if run:
+            out.append(f"description repeats {run!r} {count} times (contract: a {self.repeat_run_words}-word run "
+                       f"at most {self.max_run_repeats} times)")
         long = [k for k in keywords if len(k.split()) > self.max_keyword_words]
         if long:
             out.append(f"{len(long)} keyphrase(s) longer than {self.max_keyword_words} words")

@@ -46,7 +46,8 @@ from typing import Any
 import numpy as np
 
 from tsrec.config import TeacherConfig
-from tsrec.semantics.answers import AnswerError, Contract, extract_json_object, parse_answer  # noqa: F401 (re-exported)
+from tsrec.semantics.answers import (CONTRACT_VERSION, AnswerError, Contract, extract_json_object,  # noqa: F401 (re-exported)
+                                     parse_answer)
 from tsrec.semantics.clusters import TokenCluster
 from tsrec.semantics.records import read_teacher_file, record_warnings
 
@@ -184,9 +185,11 @@ def guided_settings(cfg: TeacherConfig) -> dict[str, Any]:
 
 
 def contract_settings(cfg: TeacherConfig) -> dict[str, Any]:
-    """The contract limits (part of the request hash: a stricter contract re-requests the records)."""
-    return {k: getattr(cfg, k) for k in ("min_description_words", "max_description_words", "min_keywords",
-                                         "max_keywords", "max_keyword_words", "instruction_copy_words")}
+    """The contract limits and rules' version (part of the request hash: a stricter contract re-requests the
+    records, so a cached record the new rules refuse is not reused)."""
+    limits = {k: getattr(cfg, k) for k in ("min_description_words", "max_description_words", "min_keywords",
+                                           "max_keywords", "max_keyword_words", "instruction_copy_words")}
+    return {**limits, "contract_version": CONTRACT_VERSION}
 
 
 def build_messages(context: dict[str, Any], attempt: int, last_error: str = "", guided: bool = False) -> Messages:

@@ -17,6 +17,9 @@ import torch
 from tsrec.config import ConfigError, LoraConfig, RlConfig, SftConfig
 
 
+GPU_BUCKET = 100_000_000  # elements of the reduce / all-gather buckets on GPUs (overlap_comm)
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """What the engine needs from a training stage's config section, with the stage's batch shape."""
@@ -48,10 +51,12 @@ class EngineSpec:
 def deepspeed_config(spec: EngineSpec, world_size: int, on_gpu: bool = False) -> dict[str, Any]:
     """The DeepSpeed dict (ZeRO, precision, offload, optimizer) of one training stage."""
     s = spec.section
-    # GPU: overlap ZeRO-2/3's gradient reduce-scatter (and ZeRO-3's parameter gathers) with compute. CPU
-    # (gloo) gains nothing from it and the CPU tests compare ZeRO stages number for number.
-    zero: dict[str, Any] = {"stage": spec.zero_stage, "overlap_comm": on_gpu and spec.zero_stage in (2, 3),
-                            "contiguous_gradients": True}
+    zero: dict[str, Any] = {"stage": spec.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
+    if on_gpu and spec.zero_stage in (2, 3):
+        # Overlap ZeRO-2/3's gradient reduce-scatter (and ZeRO-3's gathers) with compute. Its buffers are about
+        # 4.5x the reduce + all-gather buckets, so the buckets are bounded (1.7 GiB in bf16 instead of DeepSpeed's
+        # 9 GiB at 5e8 elements); `tsrec plan` counts them (tsrec/plan/planner.py). CPU (gloo) gains nothing.
+        zero.update(overlap_comm=True, reduce_bucket_size=GPU_BUCKET, allgather_bucket_size=GPU_BUCKET)
     if spec.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if spec.offload_optimizer:

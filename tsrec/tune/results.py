@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +25,19 @@ HEATMAP_ROWS, HEATMAP_COLS = "sa_init.depth", "sft.tasks.ts_align.loss_weight"
 
 def trial_rows(trials: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
     """One row per trial: its values, best metric (and the step it was reached), steps run, stopped early
-    (ended by the scheduler before its last step, without an error), status, wall time. Sorted best first.
+    (ended by the scheduler before its last step, without an error), status, wall time. Sorted best first; equal
+    metrics are ordered by :func:`_tie_break` (valid loss at the best step, the values, the trial id).
 
     A record's ``max_steps`` is its planned length (None: the longest any trial ran). A trial the scheduler
     ended at its last report (ASHA compares at a rung equal to the last step) has status "stopped" but ran
     every step, so it is not "stopped early"."""
     keys = sorted({k for t in trials for k in t["params"]})
     longest = max((h.get("steps", 0) for t in trials for h in t["history"]), default=0)
-    rows = []
+    rows, order = [], []
     for t in trials:
         points = [(h["steps"], h[metric]) for h in t["history"] if metric in h and h[metric] is not None]
         best = (max if mode == "max" else min)(points, key=lambda p: p[1]) if points else None
+        order.append(_tie_break(t, metric, None if best is None else best[0]))
         steps = max((h.get("steps", 0) for h in t["history"]), default=0)
         status = "error" if t.get("error") else ("finished" if t.get("finished") else "stopped")
         rows.append({"trial_id": t["trial_id"], **{k: t["params"].get(k) for k in keys},
@@ -44,8 +47,22 @@ def trial_rows(trials: list[dict[str, Any]], metric: str, mode: str) -> list[dic
                      "stopped_early": status == "stopped" and steps < (t.get("max_steps") or longest),
                      "status": status, "wall_s": round(float(t.get("wall_s") or 0.0), 1)})
     sign = -1 if mode == "max" else 1
-    rows.sort(key=lambda r: (r[f"best_{metric}"] is None, sign * (r[f"best_{metric}"] or 0.0)))
-    return rows
+    keyed = sorted(zip(rows, order), key=lambda ro: (ro[0][f"best_{metric}"] is None,
+                                                      sign * (ro[0][f"best_{metric}"] or 0.0), *ro[1]))
+    return [r for r, _ in keyed]
+
+
+def _tie_break(t: dict[str, Any], metric: str, best_step: int | None) -> tuple[float, str, str]:
+    """What orders trials whose best ``metric`` is equal (as rounded in the table), so the ranking never depends
+    on the order Tune lists its trials in: the valid loss at the trial's best step (lower first; not used when
+    the metric is the valid loss itself), then the trial's values as sorted JSON, then the trial id (trials
+    with the same values, e.g. repeated samples: Tune numbers a sweep's trials in the order it created them)."""
+    loss = float("inf")
+    if metric != "valid_loss" and best_step is not None:
+        at = [h.get("valid_loss") for h in t["history"] if h.get("steps") == best_step]
+        if at and at[0] is not None:
+            loss = round(float(at[0]), 6)
+    return loss, json.dumps(t["params"], sort_keys=True, default=str), str(t["trial_id"])
 
 
 def best_trial(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
@@ -161,5 +178,7 @@ def write_best_config(base: dict[str, Any], params: dict[str, Any], path: Path) 
     raw = cfg.to_dict()
     raw.pop("tune")
     text = "# Best trial of a `tsrec tune` sweep: run it with `tsrec run --config THIS_FILE`.\n"
-    atomic_write_text(path, text + yaml.safe_dump(raw, sort_keys=False))
+    text += yaml.safe_dump(raw, sort_keys=False)
+    if not (path.exists() and path.read_text(encoding="utf-8") == text):  # a rerun leaves an unchanged file alone
+        atomic_write_text(path, text)
     return load_config(path)  # ConfigError here would be a bug: the file must load

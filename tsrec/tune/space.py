@@ -196,11 +196,17 @@ def init_variants(params: list[Param]) -> list[dict[str, Any]]:
     return [dict(zip([p.key for p in keys], combo)) for combo in itertools.product(*[p.values for p in keys])]
 
 
-def init_key(cfg: Config) -> str:
-    """The name of the shared init a trial's config needs: a hash of its model + sa_init sections."""
+def init_key(cfg: Config, inputs: dict[str, Any] | None) -> str:
+    """The name of the shared init a trial's config needs: a hash of everything the init is built from, its
+    model + sa_init sections, ``run.seed`` and the fingerprints of the SID folder and the teacher file
+    (``inputs``: ``tsrec.tune.identity.upstream_fingerprints``, its ``sids`` and ``teacher_file``), so new
+    SIDs or semantics make a new init instead of reusing one built from the old ones."""
     full = cfg.to_dict()
-    payload = {s: full[s] for s in INIT_SECTIONS} | {"seed": full["run"]["seed"]}
-    return f"depth{cfg.sa_init.depth}-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
+    inputs = inputs or {}
+    payload = ({s: full[s] for s in INIT_SECTIONS} | {"seed": full["run"]["seed"]}
+               | {"inputs": {k: inputs.get(k) for k in ("sids", "teacher_file")}})
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"depth{cfg.sa_init.depth}-{digest}"
 
 
 def check_resources(tune: TuneConfig, n_trials: int, cluster: dict[str, float]) -> int:
