@@ -155,6 +155,10 @@ def _default(path: str | None, cfg: Config, name: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # One progress line at a time reaches a redirected console (a log file, `ray job logs`), also when the
+    # command is killed: a block-buffered stdout would lose the last lines.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     # DeepSpeed prints its accelerator guess to stdout on import; on a machine without CUDA say it
     # up front so the JSON this command prints stays clean.
     if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
