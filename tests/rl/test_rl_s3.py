@@ -18,7 +18,10 @@ from sft_synth import assert_resumed_after, make_tiny_run  # noqa: E402
 from tsrec.config import load_config  # noqa: E402
 from tsrec.train.metrics import read_metrics_csv  # noqa: E402
 
-pytestmark = pytest.mark.ray
+# slow (opt-in: pytest -m slow tests/rl/test_rl_s3.py): the object-store path itself (fit_trainer, ray_storage, the
+# endpoint) is the one SFT's default-suite test (tests/sft/test_sft_rerun.py) covers; this adds RL's reference
+# weights in the bucket, ~55 s that would take the default suite past 15 minutes on 2 cores.
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 BASE = ["rl.group_size=4", "rl.prompts_per_step=8", "rl.prompts_per_micro=4", "rl.max_steps=4", "rl.lr=1e-3",
         "rl.warmup_ratio=0", "rl.eval_every_steps=2", "rl.save_every_steps=2", "rl.valid_sample_size=8",

@@ -55,6 +55,9 @@ def test_valid_answer_meets_contract():
     # one word repeated as a keyphrase (the demo teacher's "Laser Laser Laser Laser Laser Laser"), any case
     (DESC, KWS + ["Laser Laser Laser Laser Laser Laser"], "repeated-word keyphrase(s) ['Laser Laser Laser Laser"),
     (DESC, KWS + ["crystal CRYSTAL"], "repeated-word keyphrase(s) ['crystal CRYSTAL']"),
+    # ... and the guided decoder's evasions of that rule (letters appended to the last repeat, 2026-12-06 demo)
+    (DESC, KWS + ["Crystal Crystal Crystal Crystal Crystal CrystalCl"], "repeated-word keyphrase(s) ['Crystal"),
+    (DESC, KWS + ["Bosch BOSCHBOS"], "repeated-word keyphrase(s) ['Bosch BOSCHBOS']"),
     # a description saying the same thing over and over: a 3-word run occurring 3 or more times
     (("This product family comprises staples and glue for fastening. " * 7).strip(), KWS,
      "description repeats 'this product family' 7 times (contract: a 3-word run at most 2 times)"),
@@ -80,6 +83,8 @@ def test_keyphrase_problem_is_the_contract_per_keyphrase():
     assert keyphrase_problem("a b c d e f g") == "" and keyphrase_problem("3D printing filament", 6) == ""
     assert keyphrase_problem("Laser Laser") == keyphrase_problem("crystal Crystal CRYSTAL") == "repeated-word keyphrase"
     assert keyphrase_problem("Laser") == keyphrase_problem("laser laser cutter") == ""  # one word, or another word too
+    assert keyphrase_problem("PLA PLA PLA PLA PLA PLAPLAPLA") == "repeated-word keyphrase"  # a prefix repeats too
+    assert keyphrase_problem("3D 3D printer") == keyphrase_problem("USB USB-C cable") == ""  # under half repeats
 
 
 def test_repetition_rules_keep_ordinary_answers():

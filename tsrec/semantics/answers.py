@@ -30,7 +30,7 @@ STOPWORDS = frozenset(
 URL_RE = re.compile(r"https?://|\bwww\.|\b[\w-]+\.(?:com|net|org|io|co\.uk)\b", re.IGNORECASE)
 _WORD_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 # Bumped whenever a rule is added or tightened: a record accepted under an older contract may break this one.
-CONTRACT_VERSION = 2
+CONTRACT_VERSION = 3
 
 
 def is_stopword_phrase(keyphrase: str) -> bool:
@@ -39,10 +39,18 @@ def is_stopword_phrase(keyphrase: str) -> bool:
 
 
 def is_repeated_word_phrase(keyphrase: str) -> bool:
-    """True when ``keyphrase`` is one word said two or more times and nothing else (case-insensitive:
-    "Laser Laser", "crystal Crystal CRYSTAL"); "Laser" alone or "laser laser cutter" is not."""
+    """True when at least half the words of ``keyphrase`` (2 or more words) repeat an earlier one: the same word
+    (case-insensitive) or one that starts with it or that it starts with (3 letters at least). "Laser Laser",
+    "crystal Crystal CRYSTAL", "Crystal Crystal Crystal Crystal Crystal CrystalCl" and "Bosch BOSCHBOS" are;
+    "Laser" alone, "laser laser cutter" and "3D 3D printer" are not. (The guided decoder evaded the plain
+    one-word rule by appending letters to the last repeat.)"""
     words = _WORD_RE.findall(keyphrase.lower())
-    return len(words) >= 2 and len(set(words)) == 1
+
+    def repeats(w: str, earlier: list[str]) -> bool:
+        return any(w == e or (min(len(w), len(e)) >= 3 and (w.startswith(e) or e.startswith(w))) for e in earlier)
+
+    n_repeats = sum(repeats(w, words[:i]) for i, w in enumerate(words))
+    return len(words) >= 2 and 2 * n_repeats >= len(words)
 
 
 def repeated_run(description: str, n: int, max_repeats: int) -> tuple[str, int]:
