@@ -73,6 +73,7 @@ def test_lr_schedule():
     lin, cos, const = (lr_lambda(k, 10, 110) for k in ("linear", "cosine", "constant"))
     assert [lin(s) for s in (0, 5, 10, 60, 110, 200)] == [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
     assert cos(10) == 1.0 and math.isclose(cos(60), 0.5) and math.isclose(cos(110), 0.0, abs_tol=1e-12)
+    assert math.isclose(cos(35), 0.5 * (1 + math.cos(math.pi / 4)))  # a quarter in: cosine, not linear (0.75)
     assert const(5) == 0.5 and const(10**6) == 1.0
 
 
