@@ -3,7 +3,7 @@
     ray job submit --working-dir . -- python jobs/tune.py --config configs/sweeps/industrial_qwen2.5-1.5b.yaml [key=value ...]
 
 Use an absolute (shared) `run.out_dir`: the job's working directory is a temporary copy, and the sweep
-resumes from `<run.out_dir>/<tune.dir>/ray/sweep-<identity>` when the same sweep is submitted again.
+resumes from `<storage>/ray/sweep-<identity>` (`tune.storage_path`, default `<run.out_dir>/<tune.dir>`) when the same sweep is submitted again.
 """
 
 import sys

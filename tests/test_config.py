@@ -65,7 +65,12 @@ def test_yaml_errors_name_the_file(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
-    load_config(path)
+    cfg = load_config(path)
+    if cfg.tune.space:  # a sweep file: its space, metric and scheduler are checked as `tsrec tune` does first
+        from tsrec.tune.space import count_trials, parse_space, sft_best_metric
+
+        assert count_trials(parse_space(cfg.tune), cfg.tune) > 0
+        sft_best_metric(cfg)
 
 
 def test_cli_reports_config_errors(capsys):

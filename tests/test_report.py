@@ -7,6 +7,7 @@ import base64
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -116,3 +117,64 @@ def test_missing_stages_show_as_not_run(run_dir, tmp_path):
         assert s in md, s
     assert md.count("not run") == 3 + 4  # stage table (3) + teacher, SA-Init, metrics, examples
     assert "<p class='notrun'>not run</p>" in paths["html"].read_text()
+
+
+def _sweep_run(root, tune_dir_name="tune"):
+    """A finished seeded sweep's folder, written by the sweep driver's own output step on hand-built trials:
+    depth 3 over seeds 42/1/2 scores 0.30/0.34/0.32 (mean 0.32, std 0.02), depth 0 0.36/0.24/0.30 (mean 0.30,
+    std 0.06: within seed spread, and its seed 42 is the best single trial)."""
+    from tsrec.orchestration.tune import _write_outputs
+
+    sweep = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "demo.yaml"
+    cfg = load_config(sweep, [f"run.out_dir={root}", f"tune.dir={tune_dir_name}", "tune.metric=valid_ndcg@10",
+                              "tune.mode=max", "tune.export_best=false", "tune.eval_test=false",
+                              "tune.space={sa_init.depth: {grid: [0, 3]}, run.seed: {grid: [42, 1, 2]}}"])
+    trials = [{"trial_id": f"d{d}s{s}", "params": {"sa_init.depth": d, "run.seed": s}, "finished": True, "error": None,
+               "wall_s": 1.0, "max_steps": 4, "history": [{"steps": 4, "valid_ndcg@10": v, "valid_loss": 1.0}]}
+              for d, vals in ((3, (0.30, 0.34, 0.32)), (0, (0.36, 0.24, 0.30))) for s, v in zip((42, 1, 2), vals)]
+    tune_dir = root / tune_dir_name
+    tune_dir.mkdir(parents=True)
+    atomic_write_json(tune_dir / "sweep.json", {"identity": "abc"})
+    log = []
+    return _write_outputs(cfg, cfg.to_dict(), trials, tune_dir, root, log.append, "abc"), log
+
+
+def test_sweep_summary_and_console(tmp_path):
+    """summary.json: the settings and the best setting; the best trial is the best of the best setting (not the
+    depth-0 seed that scored highest alone); the console's last table is the settings table."""
+    summary, log = _sweep_run(tmp_path)
+    assert [s["setting"] for s in summary["settings"]] == ["depth=3", "depth=0"]
+    best = summary["best_setting"]
+    assert (best["n"], best["mean_valid_ndcg@10"], best["std_valid_ndcg@10"], best["mark"]) == (3, 0.32, 0.02, "best")
+    assert summary["settings"][1]["mark"] == "within seed spread"
+    assert (summary["best_trial"], summary["best_metric"]) == ("d3s1", 0.34)
+    assert summary["best_params"] == {"sa_init.depth": 3, "run.seed": 1}
+    assert load_config(tmp_path / "tune" / "best_config.yaml").run.seed == 1
+    assert log[-2].startswith("| setting |") and "| depth=3 |" in log[-2] and "| trial_id |" not in log[-2]
+    for f in ("settings.csv", "settings.png", "metric_vs_step.png", "results.md"):
+        assert (tmp_path / "tune" / f).exists(), f
+
+
+@pytest.mark.parametrize("tune_dir_name", ["tune", "tune_seeds"])
+def test_report_has_a_sweep_section(tmp_path, tune_dir_name, capsys):
+    """`tsrec report RUN_DIR` on a sweep's run folder (run.out_dir): a Sweep section with the settings table
+    (mean ± 95% interval, n, mark), the best setting and both plots; the sweep is found in any tune.dir."""
+    _sweep_run(tmp_path, tune_dir_name)
+    assert main(["report", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    page = (tmp_path / "report.html").read_text()
+    title = "Sweep" if tune_dir_name == "tune" else f"Sweep {tune_dir_name}"
+    assert f"## {title}\n" in md and f"<h2>{title}</h2>" in page
+    assert md.index(f"## {title}") < md.index("## Teacher semantics")
+    assert "| setting | n | mean valid_ndcg@10 ± 95% interval | std | mark | seeds |" in md
+    # 0.32 ± 4.3027 * 0.02 / sqrt(3) = 0.049683; 0.30 ± 4.3027 * 0.06 / sqrt(3) = 0.149050 (interval bounds are
+    # kept to 6 decimals: 0.15095 .. 0.44905, half 0.14905 -> 0.1491)
+    assert "| depth=3 | 3 | 0.3200 ± 0.0497 | 0.0200 | best | 1 2 42 |" in md
+    assert "| depth=0 | 3 | 0.3000 ± 0.1491 | 0.0600 | within seed spread | 1 2 42 |" in md
+    assert "Best setting: **depth=3**, 0.3200 ± 0.0497 over 3 trial(s); its best trial `d3s1` (seed 1)" in md
+    for png in ("settings", "metric_vs_step"):
+        assert f"![{png}]({tune_dir_name}/{png}.png)" in md
+    assert "<td>0.3200 ± 0.0497</td>" in page and "<b>depth=3</b>" in page
+    pngs = re.findall(r"src='data:image/png;base64,([^']+)'", page)
+    assert len(pngs) == 2 and all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert f"{tune_dir_name}: best setting depth=3, valid_ndcg@10 0.3200 ± 0.0497 over 3 trial(s)" in capsys.readouterr().out

@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("report", help="(re)write <RUN_DIR>/report.md and report.html from a run folder")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a `tsrec run` output folder (run.out_dir)")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="a `tsrec run` output folder (run.out_dir)")
+    p.add_argument("--config", help="or the run's config file: its run.out_dir (a sweep file: its sweep too)")
 
     from tsrec.plan.cli import add_parser as add_plan_parser  # light: DeepSpeed is imported only when planning
 
@@ -154,7 +155,8 @@ def _default(path: str | None, cfg: Config, name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     # One progress line at a time reaches a redirected console (a log file, `ray job logs`), also when the
     # command is killed: a block-buffered stdout would lose the last lines.
     if hasattr(sys.stdout, "reconfigure"):
@@ -167,8 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "report":  # reads a run folder only: no config
             from tsrec.report import console_summary, write_report
 
-            write_report(args.run_dir)
-            print(console_summary(args.run_dir))
+            run_dir = args.run_dir
+            if run_dir is None:
+                if not args.config:
+                    parser.error("report: give RUN_DIR or --config FILE")
+                run_dir = load_config(args.config).run.out_dir
+            write_report(run_dir)
+            print(console_summary(run_dir))
             return 0
         if args.stage == "plan":  # reads a backbone's config.json only: no config, no weights
             from tsrec.plan.cli import run as run_plan

@@ -39,10 +39,18 @@ class RunConfig:
     # Root of all artifacts of a `tsrec run`; each stage writes a sub-folder (data/, sids/, ...).
     out_dir: str = "runs/demo"
     seed: int = 42
+    # Seed of the upstream stages (data synthesis, SID k-means when sid.seed is empty, the teacher's item
+    # sampling); empty = run.seed. A sweep over run.seed sets it to its base seed, so every seed trains on the
+    # same catalogue, SIDs and teacher file, and a trial's best_config.yaml reuses them.
+    data_seed: int | None = None
     # S3-compatible server for s3:// storage paths (sft.storage_path; MinIO, Ceph, a local moto), e.g.
     # "http://minio:9000" (the scheme picks http/https). Empty = AWS itself, or AWS_ENDPOINT_URL_S3 from the
     # environment. Credentials stay out of configs: each node reads AWS's usual chain (env, ~/.aws, IAM role).
     storage_endpoint: str = ""
+
+    @property
+    def upstream_seed(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
 
 
 @dataclass
@@ -98,7 +106,14 @@ class EmbedConfig:
 
 @dataclass
 class SidConfig:
-    method: Literal["rqkmeans"] = "rqkmeans"
+    # rqkmeans: embed the items and run residual k-means (the keys below); import: read an existing
+    # MiniOneRec/TS-Rec index.json (sid.index_file), checked against the catalogue (tsrec/sid/imported.py).
+    method: Literal["rqkmeans", "import"] = "rqkmeans"
+    # import: the index.json, or a folder holding exactly one index.json / *.index.json / index/*.index.json.
+    index_file: str = ""
+    # import: items sharing a full SID are kept and reported (keep: upstream handling, METHOD.md R9; the
+    # released Industrial index has 15 groups) or stop the stage (error).
+    import_collisions: Literal["keep", "error"] = "keep"
     levels: int = 3
     codebook_size: int = 256
     # Small catalogues: codes per level are clamped to min(codebook_size, items,
@@ -135,7 +150,8 @@ class TeacherConfig:
     repetition_penalty: float = 1.0
     tensor_parallel_size: int = 1
     max_model_len: int = 4096
-    # Limit the number of tokens extracted (0 = all); for smoke runs.
+    # Limit the number of tokens extracted (0 = all), taken from the levels in turn (a_0, b_0, c_0, a_1, ...) so
+    # every SA-Init depth has semantics; for smoke runs.
     limit: int = 0
     # Resume: failed tokens of an unchanged request are requested again only if that can change the answer
     # (true: only when sampling, temperature > 0; a greedy failure would repeat), always ("force"), or never (false).
@@ -198,6 +214,11 @@ class ModelConfig:
     # Tiny model only: also train the tokenizer on the catalogue's titles (the items file the SIDs were
     # built from), so a title costs ~19 tokens instead of ~57 and does not dominate the SFT loss.
     tiny_tokenizer_titles: bool = False
+    # Tiny model only: where its vocabulary and token embeddings come from. bpe: the byte-level BPE above, random
+    # embeddings (tests); smollm2: SmolLM2-135M's tokenizer pruned to the run's texts (templates, titles, teacher
+    # text) and its embedding rows PCA-projected to tiny_hidden_size, so SA-Init pools pretrained rows
+    # (tsrec/pruned_lm.py; tiny_vocab_size and tiny_tokenizer_titles are then unused).
+    tiny_vocab: Literal["bpe", "smollm2"] = "bpe"
     # Rows created by the embedding resize: transformers' mean resizing (as the public code, METHOD.md
     # 1.3) or the model's own random init.
     mean_resizing: bool = True
@@ -378,6 +399,18 @@ class EvalConfig:
     # Score "\n" + EOS after the SID like the public trie (METHOD.md 1.8). None = on in
     # prompts.mode=upstream, off in canonical; true in canonical mode is an error.
     score_suffix: bool | None = None
+    # Show a dataset's published test results (tsrec/published.py: METHOD.md 4.1 and 4.3) beside this run's in
+    # the report; "" = none.
+    published: Literal["", "Industrial_and_Scientific", "Office_Products"] = ""
+    # Also train a SASRec baseline on the run's train split (epoch chosen on valid NDCG@10, CPU, 1 thread,
+    # minutes on Industrial) and score it beside popularity/markov; cached in the eval folder as sasrec.json
+    # keyed on the data files + these settings (tsrec/decode/sasrec.py).
+    sasrec: bool = False
+    sasrec_epochs: int = 200
+    sasrec_patience: int = 10
+    sasrec_hidden: int = 64
+    sasrec_blocks: int = 2
+    sasrec_dropout: float = 0.2
 
 
 @dataclass
@@ -465,6 +498,10 @@ class TuneConfig:
     eval_test: bool = False
     # Sweep folder under run.out_dir.
     dir: str = "tune"
+    # Where the Tune experiment (ray/sweep-<identity>) and the trials' Ray Train runs (trials/trial-<id>:
+    # checkpoints, best/ and final/ models) live: empty = <run.out_dir>/<dir>; or a cloud URI (s3://bucket/prefix,
+    # run.storage_endpoint for an S3-compatible server). The sweep's outputs stay in <run.out_dir>/<dir>.
+    storage_path: str = ""
 
 
 @dataclass

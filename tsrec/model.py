@@ -61,13 +61,14 @@ def init_model(cfg: Config, sids_dir: Path, semantics_file: Path | None, out_dir
     index = read_index(sids_dir)
     sid_tokens = index.all_tokens()  # string-sorted (METHOD.md 1.3)
     records: list[dict[str, Any]] = []
-    if depth > 0:
-        if semantics_file is None:
-            raise InputError(str(sids_dir), f"sa_init.depth={depth} needs a teacher file (--semantics)")
+    if depth > 0 and semantics_file is None:
+        raise InputError(str(sids_dir), f"sa_init.depth={depth} needs a teacher file (--semantics)")
+    if semantics_file is not None and (depth > 0 or (cfg.model.tiny and cfg.model.tiny_vocab == "smollm2")):
+        # the pruned vocabulary covers the teacher text at every depth, so depths differ only in SA-Init
         records = read_teacher_file(semantics_file)
 
     # --- 1. backbone ---
-    tok, model, backbone_name = _load_backbone(cfg, sids_dir)
+    tok, model, backbone_name = _load_backbone(cfg, sids_dir, records)
     vocab_before = len(tok)
     rows_before = model.get_input_embeddings().weight.shape[0]
 
@@ -135,11 +136,20 @@ def init_model(cfg: Config, sids_dir: Path, semantics_file: Path | None, out_dir
     return {"out_dir": str(out_dir), **stats}
 
 
-def _load_backbone(cfg: Config, sids_dir: Path | None = None):
-    """(tokenizer, model, name) for ``cfg.model``: tiny random Qwen2, a HF folder or a GGUF file."""
+def _load_backbone(cfg: Config, sids_dir: Path | None = None, records: list[dict[str, Any]] = ()):
+    """(tokenizer, model, name) for ``cfg.model``: tiny random Qwen2 (BPE trained here, or SmolLM2's pruned
+    vocabulary and projected embeddings), a HF folder or a GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = DTYPES[cfg.model.dtype]
+    if cfg.model.tiny and cfg.model.tiny_vocab == "smollm2":
+        from tsrec.pruned_lm import build_pruned_backbone, corpus_texts
+
+        m = cfg.model
+        texts = corpus_texts(_catalogue_titles(sids_dir, "model.tiny_vocab=smollm2"), records)
+        tok, model = build_pruned_backbone(texts, hidden_size=m.tiny_hidden_size, layers=m.tiny_layers,
+                                           seed=cfg.run.seed)
+        return tok, model.to(dtype), "smollm2-pruned-qwen2"
     if cfg.model.tiny:
         from tsrec.tiny import build_tiny_model, build_tiny_tokenizer
 
@@ -173,7 +183,7 @@ def _load_backbone(cfg: Config, sids_dir: Path | None = None):
     return tok, model, str(path / gguf) if gguf else str(path)
 
 
-def _catalogue_titles(sids_dir: Path | None) -> list[str]:
+def _catalogue_titles(sids_dir: Path | None, setting: str = "model.tiny_tokenizer_titles") -> list[str]:
     """Item titles of the items file the SIDs were built from (``inputs.items`` of the SID manifest).
 
     The tiny tokenizer trains on them (``model.tiny_tokenizer_titles``) so that titles are a few
@@ -189,8 +199,8 @@ def _catalogue_titles(sids_dir: Path | None) -> list[str]:
     path = Path(items["path"]) if isinstance(items, dict) and items.get("path") else None
     if path is None or not path.exists():
         raise InputError(folder or "<no sids folder>",
-                         "model.tiny_tokenizer_titles needs the SID folder's manifest to name an existing items file "
-                         "(inputs.items.path); set model.tiny_tokenizer_titles=false")
+                         f"{setting} needs the SID folder's manifest to name an existing items file "
+                         "(inputs.items.path)")
     return [str(t) for t in pq.read_table(path, columns=["title"]).column("title").to_pylist()]
 
 

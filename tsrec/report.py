@@ -9,7 +9,9 @@ Sections: stages (status, time, key counts, folder), teacher records (valid/fail
 SA-Init (depth, rows initialised), SFT loss curves per task (PNG from ``sft/metrics.csv``), RL (only when
 ``rl/`` exists: start vs best valid NDCG@10, valid NDCG@10 by steps, ``rl/rl.png``), metrics
 (the model and the baselines of ``eval/metrics.json``), example recommendations (history titles,
-target title, top-5 titles with hit marks from ``eval/rankings.parquet`` + ``data/items.parquet``).
+target title, top-5 titles with hit marks from ``eval/rankings.parquet`` + ``data/items.parquet``), and a
+Sweep section per finished ``tsrec tune`` sweep in the folder (``<tune.dir>/summary.json``: the settings
+table with mean and 95% interval over seeds, the best setting, ``settings.png`` and ``metric_vs_step.png``).
 
 The Markdown file links its PNGs in ``report_files/``; the HTML twin inlines them as base64 so it
 opens offline as one file.
@@ -181,11 +183,45 @@ def collect_metrics(root: Path) -> dict[str, Any] | None:
     keys.sort(key=lambda k: (int(k.split("@")[1]), k.startswith("ndcg")))
     rows = [{"name": "tsrec (model)", **{k: m[k] for k in keys}}]
     base = m.get("baselines") or {}
-    for name in ("popularity", "markov"):
+    for name, label in BASELINE_LABELS.items():
         if isinstance(base.get(name), dict):
-            rows.append({"name": f"{name} (baseline)", **{k: base[name].get(k) for k in keys}})
+            rows.append({"name": label, **{k: base[name].get(k) for k in keys}})
     return {"keys": keys, "rows": rows, "split": m.get("split"), "n": m.get("rows"), "beams": m.get("beams"),
-            "baselines_note": base.get("skipped")}
+            "baselines_note": base.get("skipped"),
+            "sasrec_note": _sasrec_note(_json(root / "eval" / "sasrec.json")) if "sasrec" in base else None,
+            "published": _published(root, m, keys)}
+
+
+def _published(root: Path, m: dict[str, Any], keys: list[str]) -> dict[str, Any] | None:
+    """The published rows of the run's dataset (``eval.published`` in the eval stage's config; METHOD.md 4.1/4.3),
+    on the run's cut-offs; only beside a test-split evaluation (they are test numbers)."""
+    from tsrec.published import published_rows
+
+    name = ((((_manifest(root / "eval") or {}).get("config") or {}).get("eval") or {}).get("published")) or ""
+    if not name or m.get("split") != "test":
+        return None
+    shown = [k for k in keys if any(k in r for r in published_rows(name))]
+    return {"dataset": name, "keys": shown,
+            "rows": [[f"{r['name']} (published)", r["setting"], *[r.get(k) for k in shown]] for r in published_rows(name)],
+            "sources": sorted({r["source"] for r in published_rows(name)})}
+
+
+BASELINE_LABELS = {"popularity": "popularity (baseline)", "markov": "markov (baseline)",
+                   "sasrec": "sasrec (baseline, trained here)"}
+
+
+def _sasrec_note(st: dict[str, Any] | None) -> str:
+    """SASRec's settings and training in one sentence (``eval/sasrec.json``, tsrec/decode/sasrec.py)."""
+    if not st or not isinstance(st.get("settings"), dict):
+        return "SASRec: eval/sasrec.json not found (settings and train time unknown)."
+    s, curve, best = st["settings"], st.get("valid_ndcg@10") or [], st.get("best_epoch") or 0
+    valid = f"{curve[best - 1]:.4f}" if 0 < best <= len(curve) else "?"
+    return (f"SASRec trained here on the train split (full-softmax cross-entropy, last position), {s.get('blocks')} "
+            f"block(s), hidden {s.get('hidden')}, {s.get('heads')} head(s), dropout {s.get('dropout')}, max history "
+            f"{st.get('max_len')}, Adam lr {s.get('lr')}, batch {s.get('batch_size')}, seed {s.get('seed')}; epoch "
+            f"{best} of {st.get('epochs_run')} kept (best valid NDCG@10 {valid}, patience {s.get('patience')}, at most "
+            f"{s.get('epochs')}); trained in {st.get('train_seconds')} s on {s.get('threads')} CPU thread(s); full "
+            f"ranking over all {st.get('n_items')} items, history items not excluded, target matched by item id.")
 
 
 def collect_examples(root: Path, n: int = N_EXAMPLES, top: int = TOP) -> list[dict[str, Any]] | None:
@@ -261,6 +297,64 @@ def loss_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
+SWEEP_DIR = "tune"  # tune.dir's default
+SWEEP_PLOTS = ("settings.png", "metric_vs_step.png")
+
+
+def find_sweeps(root: Path) -> list[Path]:
+    """The finished sweeps in the run folder: every sub-folder holding a sweep's ``summary.json`` (it names the
+    sweep's identity) beside its ``sweep.json``; ``tune/`` first. The report reads no config, so a sweep in
+    another ``tune.dir`` is found by its files."""
+    found = [d for d in sorted(root.iterdir()) if d.is_dir() and (d / "sweep.json").exists()
+             and "sweep" in (_json(d / "summary.json") or {})]
+    return sorted(found, key=lambda d: d.name != SWEEP_DIR)
+
+
+def collect_sweep(d: Path) -> dict[str, Any]:
+    """A sweep's summary as the report shows it: the metric, the settings (best first), the best setting and
+    trial, the plots that exist."""
+    sm = _json(d / "summary.json")
+    best_params = sm.get("best_params") or {}
+    return {"dir": d, "metric": sm.get("metric"), "mode": sm.get("mode"), "trials": sm.get("trials"),
+            "errors": sm.get("errors"), "stopped_early": sm.get("stopped_early"),
+            "settings": sm.get("settings") or [], "best_setting": sm.get("best_setting"),
+            "best_trial": sm.get("best_trial"), "best_metric": sm.get("best_metric"),
+            "best_seed": best_params.get("run.seed"),
+            "plots": [d / f for f in SWEEP_PLOTS if (d / f).exists()]}
+
+
+def _mean_interval(s: dict[str, Any], metric: str) -> str:
+    """``mean ± half-width of the 95% interval`` (the mean alone for one seed)."""
+    mean, lo, hi = s.get(f"mean_{metric}"), s.get("ci95_low"), s.get("ci95_high")
+    if not isinstance(mean, (int, float)):
+        return ""
+    return f"{mean:.4f}" if lo is None or hi is None else f"{mean:.4f} ± {(hi - lo) / 2:.4f}"
+
+
+def sweep_table(sw: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    m = sw["metric"]
+    return (["setting", "n", f"mean {m} ± 95% interval", "std", "mark", "seeds"],
+            [[s.get("setting"), s.get("n"), _mean_interval(s, m), s.get(f"std_{m}"), s.get("mark"), s.get("seeds")]
+             for s in sw["settings"]])
+
+
+def _sweep_title(sw: dict[str, Any]) -> str:
+    return "Sweep" if sw["dir"].name == SWEEP_DIR else f"Sweep {sw['dir'].name}"
+
+
+def _sweep_line(sw: dict[str, Any]) -> str:
+    """The sweep in one sentence: its size, the best setting and the trial it exported."""
+    head = (f"{sw['trials']} trials in {len(sw['settings'])} settings ({sw['errors']} failed, {sw['stopped_early']} "
+            f"stopped early), ranked by `{sw['metric']}` ({sw['mode']}), the mean over seeds of each trial's best value. ")
+    b = sw["best_setting"]
+    if not b:
+        return head + "No trial reported the metric."
+    seed = f" (seed {sw['best_seed']})" if sw["best_seed"] is not None else ""
+    return head + (f"Best setting: **{b.get('setting')}**, {_mean_interval(b, sw['metric'])} over {b.get('n')} "
+                   f"trial(s); its best trial `{sw['best_trial']}`{seed}, {_fmt(sw['best_metric'])}, is the one in "
+                   f"`{sw['dir'].name}/best_config.yaml` and `best_model/`.")
+
+
 # --- rendering ---------------------------------------------------------------------------------
 
 
@@ -283,13 +377,22 @@ def build(root: str | Path) -> dict[str, Any]:
     return {"root": str(root), "config": _json(root / "pipeline.json") is not None,
             "stages": collect_stages(root), "teacher": collect_teacher(root), "sa_init": collect_sa_init(root),
             "sft_rows": sft_rows, "sft": sft_stats, "rl": collect_rl(root), "rl_ran": (root / "rl").exists(),
-            "metrics": collect_metrics(root), "examples": collect_examples(root)}
+            "metrics": collect_metrics(root), "examples": collect_examples(root),
+            "sweeps": [collect_sweep(d) for d in find_sweeps(root)]}
 
 
 def render_markdown(rep: dict[str, Any], plots: list[Path], root: Path) -> str:
     out = [f"# tsrec run report\n\nRun folder: `{rep['root']}`\n", "## Stages\n"]
     out.append(_md_table(["stage", "status", "time (s)", "key counts", "folder"],
                          [[s["stage"], s["status"], s["seconds"], s["counts"], s["folder"]] for s in rep["stages"]]))
+    for sw in rep.get("sweeps", []):
+        out.append(f"\n## {_sweep_title(sw)}\n")
+        out.append(_sweep_line(sw) + "\n")
+        out.append(_md_table(*sweep_table(sw)))
+        rel = sw["dir"].relative_to(root).as_posix()
+        out.append(f"\nPer-trial table: [{rel}/results.md]({rel}/results.md); mark `within seed spread`: the "
+                   "setting's mean differs from the best's by less than the larger of their seed stds.\n")
+        out.extend(f"![{p.stem}]({p.relative_to(root).as_posix()})" for p in sw["plots"])
     out.append("\n## Teacher semantics\n")
     t = rep["teacher"]
     if t is None:
@@ -338,6 +441,12 @@ def render_markdown(rep: dict[str, Any], plots: list[Path], root: Path) -> str:
         out.append(_md_table(*metrics_table(m)))
         if m.get("baselines_note"):
             out.append(f"\nBaselines skipped: {m['baselines_note']}")
+        if m.get("sasrec_note"):
+            out.append(f"\n{m['sasrec_note']}")
+        if m.get("published"):
+            pub = m["published"]
+            out.append(f"\nPublished results on {pub['dataset']} (not run here; {'; '.join(pub['sources'])}):\n")
+            out.append(_md_table(["", "setting", *pub["keys"]], pub["rows"]))
     out.append("\n## Example recommendations\n")
     if rep["examples"] is None:
         out.append(f"Evaluation: {NOT_RUN}.")
@@ -365,12 +474,26 @@ th{background:#f0f0f0}code{background:#f4f4f4;padding:0 .2em}.hit{color:#0a7d12;
 .notrun{color:#999;font-style:italic}img{margin:.3em;border:1px solid #ddd;max-width:100%;height:auto}.ex{margin:.8em 0;padding:.5em;border-left:3px solid #ccc}"""
 
 
+def _md_inline_html(text: str) -> str:
+    """A report sentence with ``**bold**`` and ```code``` as HTML (escaped first)."""
+    text = re.sub(r"[*][*](.+?)[*][*]", r"<b>\1</b>", html.escape(text))
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
 def render_html(rep: dict[str, Any], plots: list[Path]) -> str:
     nr = f"<p class='notrun'>{NOT_RUN}</p>"
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>tsrec run report</title><style>{CSS}</style>"
            f"</head><body><h1>tsrec run report</h1><p>Run folder: <code>{_h(rep['root'])}</code></p><h2>Stages</h2>"]
     out.append(_html_table(["stage", "status", "time (s)", "key counts", "folder"],
                            [[s["stage"], s["status"], s["seconds"], s["counts"], s["folder"]] for s in rep["stages"]]))
+    for sw in rep.get("sweeps", []):
+        out.append(f"<h2>{_h(_sweep_title(sw))}</h2><p>{_md_inline_html(_sweep_line(sw))}</p>")
+        out.append(_html_table(*sweep_table(sw)))
+        out.append("<p>Mark <i>within seed spread</i>: the setting's mean differs from the best's by less than the "
+                   "larger of their seed stds.</p><div>")
+        out.extend(f"<img alt='{_h(p.stem)}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
+                   for p in sw["plots"])
+        out.append("</div>")
     out.append("<h2>Teacher semantics</h2>")
     t = rep["teacher"]
     if t is None:
@@ -419,6 +542,12 @@ def render_html(rep: dict[str, Any], plots: list[Path]) -> str:
         out.append(_html_table(*metrics_table(m)))
         if m.get("baselines_note"):
             out.append(f"<p>Baselines skipped: {_h(m['baselines_note'])}</p>")
+        if m.get("sasrec_note"):
+            out.append(f"<p>{_h(m['sasrec_note'])}</p>")
+        if m.get("published"):
+            pub = m["published"]
+            out.append(f"<p>Published results on {_h(pub['dataset'])} (not run here; {_h('; '.join(pub['sources']))}):</p>")
+            out.append(_html_table(["", "setting", *pub["keys"]], pub["rows"]))
     out.append("<h2>Example recommendations</h2>")
     if rep["examples"] is None:
         out.append(nr)
@@ -457,8 +586,14 @@ def console_summary(run_dir: str | Path) -> str:
     else:
         header, rows = metrics_table(m)
         keys = [k for k in header[1:] if k.endswith(("@5", "@10"))] or header[1:]
-        lines.append(f"{m['split']} ({m['n']} rows)".ljust(22) + "".join(k.rjust(9) for k in keys))
+        w = max([22, *(len(r["name"]) + 1 for r in m["rows"])])
+        lines.append(f"{m['split']} ({m['n']} rows)".ljust(w) + "".join(k.rjust(9) for k in keys))
         for r in m["rows"]:
-            lines.append(r["name"].ljust(22) + "".join(_fmt(r.get(k)).rjust(9) for k in keys))
+            lines.append(r["name"].ljust(w) + "".join(_fmt(r.get(k)).rjust(9) for k in keys))
+    for sw in (collect_sweep(d) for d in find_sweeps(root)):
+        b = sw["best_setting"]
+        if b:
+            lines.append(f"{sw['dir'].name}: best setting {b.get('setting')}, {sw['metric']} "
+                         f"{_mean_interval(b, sw['metric'])} over {b.get('n')} trial(s)")
     lines.append(f"report: {root / 'report.md'} (and report.html)")
     return "\n".join(lines)

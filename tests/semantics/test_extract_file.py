@@ -42,7 +42,8 @@ def test_limit_then_resume_skips_finished_tokens(catalogue, tmp_path):
     base = ["teacher.engine=file", f"teacher.file={teacher}"]
     first = extract_semantics(load_config(overrides=[*base, "teacher.limit=2"]), sids, tmp_path, out)
     assert first["tokens_requested"] == 2 and first["extracted_this_run"] == 2
-    assert json.loads((out / "failures.json").read_text())["not_requested"] == ["<b_0>", "<b_2>"]
+    # the limit takes the levels in turn (<a_1>, <b_0>: each level's first in index order), so every depth gets semantics
+    assert json.loads((out / "failures.json").read_text())["not_requested"] == ["<a_0>", "<b_2>"]
     second = extract_semantics(load_config(overrides=base), sids, tmp_path, out)
     assert second["resumed"] == 2 and second["extracted_this_run"] == 2
     # a failure under an unchanged greedy request would repeat: a plain rerun keeps it ...

@@ -25,7 +25,7 @@ import pytest
 
 from tsrec.config import load_config
 from tsrec.pretrained import smollm2_hf_dir
-from tsrec.semantics.clusters import build_clusters
+from tsrec.semantics.clusters import build_clusters, first_per_level
 from tsrec.semantics.records import read_teacher_file
 from tsrec.sid.index import read_index
 
@@ -180,7 +180,7 @@ def test_demo_catalogue_records_and_resume_after_sigkill(ray_cluster, demo_catal
     assert all(list(r) == ["description", "keywords", "token"] for r in raw)  # key order of the Industrial file
     records = read_teacher_file(out / "description_keywords.json")
     assert [r["token"] for r in records] == list(sem.loc[sem["status"] == "ok", "token"])
-    order = [c.token for c in build_clusters(read_index(sids), 12, 42)][:16]  # teacher.limit: the first 16 tokens
+    order = [c.token for c in first_per_level(build_clusters(read_index(sids), 12, 42), 16)]  # teacher.limit=16
     assert list(sem["token"]) == order
     # valid records, not only reported failures (the share is a 135M model's: printed above for the benchmark)
     assert len(records) >= 1, sem[["token", "status", "error"]].to_dict("records")

@@ -6,8 +6,8 @@ import pytest
 
 from tsrec.config import TuneConfig, load_config
 from tsrec.tune.results import best_grid, read_results_csv, trial_rows, write_best_config, write_tables
-from tsrec.tune.space import (SweepSpaceError, TuneResourceError, check_resources, count_trials, init_variants,
-                              parse_space, sft_best_metric, trial_config)
+from tsrec.tune.space import (SweepSpaceError, TuneResourceError, apply_params, check_resources, count_trials, init_key,
+                              init_variants, parse_space, sft_best_metric, trial_config)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,6 +43,43 @@ def test_space_kinds_and_counts():
 def test_space_named_errors(space, search, message):
     with pytest.raises(SweepSpaceError, match=None) as e:
         parse_space(_tune(space, search=search))
+    assert message in str(e.value)
+
+
+def test_seeds_are_a_sweep_dimension():
+    """run.seed: {grid: [42, 1, 2]} (the one run.* key a sweep may vary): 3 trials per setting, each trial runs
+    its seed, and each depth x seed has its own model init (init draws weights from the seed)."""
+    t = _tune({"sa_init.depth": {"grid": [0, 3]}, "run.seed": {"grid": [42, 1, 2]}})
+    params = parse_space(t)
+    assert [(p.key, p.values) for p in params] == [("sa_init.depth", (0, 3)), ("run.seed", (42, 1, 2))]
+    assert count_trials(params, t) == 6
+    variants = init_variants(params)
+    assert len(variants) == 6 and {"sa_init.depth": 3, "run.seed": 1} in variants
+    base = load_config(REPO / "configs" / "sweeps" / "demo.yaml").to_dict()
+    assert trial_config(base, {"sa_init.depth": 3, "run.seed": 1}).run.seed == 1
+    # the driver builds apply_params(base, variant) for each variant; a trial looks up init_key(its config):
+    # every trial's init is one the driver built, and the seeds' inits differ
+    built = {init_key(apply_params(base, v), None) for v in variants}
+    trial_keys = {init_key(trial_config(base, {"sa_init.depth": d, "run.seed": s}), None)
+                  for d in (0, 3) for s in (42, 1, 2)}
+    assert trial_keys == built and len(built) == 6
+    assert parse_space(_tune({"run.seed": {"grid": [1, 2]}, "sft.lr": {"grid": [1e-3]}}, search="random"))
+
+
+@pytest.mark.parametrize("space, kw, message", [
+    ({"run.seed": {"choice": [1, 2]}}, {"search": "random"}, "seeds are a grid dimension"),
+    ({"run.seed": {"grid": [1, 1]}}, {}, "run.seed repeat a value"),
+    ({"run.seed": {"grid": [1, 2]}, "sft.lr": {"grid": [1e-3, 1e-3]}}, {}, "sft.lr repeat a value"),
+    ({"run.seed": {"grid": [1, 2]}}, {"num_samples": 2}, "would repeat every seed"),
+    ({"run.seed": {"grid": [1, 2]}, "sft.lr": {"loguniform": [1e-4, 1e-2]}}, {"search": "random"},
+     "sft.lr would be drawn anew for every seed"),
+    ({"run.seed": {"choice": [1, 2]}}, {"search": "optuna"}, "optuna samples every key"),
+    ({"run.seed": {"grid": ["x"]}}, {}, "expected an integer"),
+    ({"run.name": {"grid": ["a"]}}, {}, "the sweep driver sets run.*"),
+])
+def test_seed_sweep_errors(space, kw, message):
+    with pytest.raises(SweepSpaceError) as e:
+        parse_space(_tune(space, **kw))
     assert message in str(e.value)
 
 
@@ -84,7 +121,7 @@ def test_results_table_and_best_config(tmp_path):
     cfg = write_best_config(base, {"sa_init.depth": 3, "sft.tasks.ts_align.loss_weight": 1.0}, tmp_path / "best.yaml")
     assert cfg.sa_init.depth == 3 and cfg.sft.tasks.ts_align.loss_weight == 1.0
     # as the trial ran: the probe on and best/ kept by the sweep's metric, so `tsrec run` picks the same way
-    assert cfg.sft.valid_ranking_sample == 32 and cfg.sft.best_metric == "ndcg@10"
+    assert cfg.sft.valid_ranking_sample == base["tune"]["valid_sample_size"] and cfg.sft.best_metric == "ndcg@10"
     # and on the trial's Ray Train group (demo: 1 worker of 0.9 CPU), not resources.sft's default 2 workers
     assert (cfg.resources.sft.workers, cfg.resources.sft.cpus_per_worker) == (1, 0.9)
     assert "\ntune:" not in (tmp_path / "best.yaml").read_text()

@@ -23,12 +23,13 @@ TINY = ["data.synthetic.n_items=80", "data.synthetic.n_users=160", "sid.codebook
         "sft.eval_every_steps=2", "sft.save_every_steps=2", "sft.log_every_steps=2", "sft.warmup_steps=0",
         "sft.max_eval_samples=8", "sft.valid_ranking_beams=5", "tune.valid_sample_size=8",
         "tune.scheduler.grace_period=2", "tune.scheduler.max_t=4", "eval.beams=5", "eval.ks=[1,5]",
-        "tune.metric=valid_ndcg@5"]
+        "tune.metric=valid_ndcg@5", "model.tiny_vocab=bpe",
+        "tune.space={sa_init.depth: {grid: [0, 3]}, sft.tasks.ts_align.loss_weight: {grid: [0.0, 1.0]}}"]
 # ASHA + resume: no teacher (depth 0, no TS-Align) and no decoding (metric valid_loss), so only data, SIDs and
 # one init come before the trials. Four trials one at a time; lr 1e-8 cannot match lr 3e-3's valid loss at
 # step 2, and whichever trial the driver dies in, a 1e-8 trial meets a better recorded one at ASHA's rung 2
 # (the scheduler's rungs are not part of Tune's saved state, so they start empty after the restore).
-ASHA = ["tune.dir=tune_asha", "tune.space={sft.lr: {grid: [3.0e-3, 1.0e-8, 3.0e-3, 1.0e-8]}}", "tune.metric=valid_loss",
+ASHA = ["tune.dir=tune_asha", "tune.scheduler.type=asha", "tune.space={sft.lr: {grid: [3.0e-3, 1.0e-8, 3.0e-3, 1.0e-8]}}", "tune.metric=valid_loss",
         "tune.mode=min", "tune.max_concurrent_trials=1", "tune.valid_sample_size=0", "sa_init.depth=0",
         "sft.use_ts_align=false", "pipeline.stages=[data,sid,model,sft,eval]"]
 

@@ -54,7 +54,7 @@ def prepare_data(cfg: Config, out_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"data.input: required for source {cfg.data.source!r} (--input DIR)")
 
     # --- 1. read and validate (no output is touched before this succeeds) ---
-    data = SOURCES[cfg.data.source](cfg.data, cfg.run.seed)
+    data = SOURCES[cfg.data.source](cfg.data, cfg.run.upstream_seed)
     items = _check_items(data.items)
     splits = {s: data.splits[s].cast(SAMPLES_SCHEMA) for s in SPLITS}
 
@@ -77,7 +77,7 @@ def prepare_data(cfg: Config, out_dir: Path) -> dict[str, Any]:
         write_parquet(items, stage / "items.parquet")
         for s in SPLITS:
             write_parquet(splits[s], stage / f"{s}.parquet")
-        write_manifest(stage, "data", cfg, inputs=data.inputs, outputs=outputs, stats=stats, seed=cfg.run.seed)
+        write_manifest(stage, "data", cfg, inputs=data.inputs, outputs=outputs, stats=stats, seed=cfg.run.upstream_seed)
     return stats
 
 

@@ -20,6 +20,8 @@ are sliding windows over each user's sequence, so every pair inside a history wa
 transition up to ``max_history`` times and weight users with long sequences more. Each observed
 transition is therefore counted exactly once. (Consequence: a transition seen only inside a history
 whose own row fell outside train, e.g. in a truncated source, is not counted.)
+
+A third, opt-in baseline trains a SASRec on the same split (``eval.sasrec``; :mod:`tsrec.decode.sasrec`).
 """
 
 from __future__ import annotations

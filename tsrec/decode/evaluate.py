@@ -226,7 +226,7 @@ def write_results(cfg: Config, results: list[dict[str, Any]], out_dir: str | Pat
 
     index = read_index(inputs["sids"])
     metrics = compute_metrics(cfg, results, set(index.sids().values()))
-    metrics["baselines"] = _baselines(cfg, results, inputs["data"])
+    metrics["baselines"] = _baselines(cfg, results, inputs["data"], Path(out_dir))
     table = pa.table({
         "row": pa.array([r["row"] for r in results], pa.int64()),
         "user_id": pa.array([r["user_id"] for r in results], pa.string()),
@@ -247,11 +247,14 @@ def write_results(cfg: Config, results: list[dict[str, Any]], out_dir: str | Pat
     return {**metrics, **(extra or {}), "out_dir": str(out_dir)}
 
 
-def _baselines(cfg: Config, results: list[dict[str, Any]], data_dir: Path) -> dict[str, Any]:
-    """Popularity and markov baselines on the same rows and metrics (:mod:`tsrec.decode.baselines`).
+def _baselines(cfg: Config, results: list[dict[str, Any]], data_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
+    """Popularity and markov baselines on the same rows and metrics (:mod:`tsrec.decode.baselines`), and
+    with ``eval.sasrec`` a SASRec trained here (:mod:`tsrec.decode.sasrec`, cached as ``out_dir/sasrec.json``).
 
     They are fitted on ``train.parquet``; a folder without one (not made by ``tsrec data prepare``)
-    gets a stated reason instead of numbers, so the model's own evaluation still runs.
+    gets a stated reason instead of numbers, so the model's own evaluation still runs. Only metrics go
+    into ``metrics.json`` (SASRec's settings and train time are in ``sasrec.json``), so it stays
+    byte-identical across reruns.
     """
     from tsrec.decode.baselines import score_baselines_for
 
@@ -259,7 +262,14 @@ def _baselines(cfg: Config, results: list[dict[str, Any]], data_dir: Path) -> di
         return {}
     if not (Path(data_dir) / "train.parquet").exists():
         return {"skipped": f"no train.parquet in {data_dir}"}
-    return score_baselines_for(data_dir, cfg.eval.split, [r["row"] for r in results], cfg.eval.ks, cfg.eval.beams)
+    rows = [r["row"] for r in results]
+    out = score_baselines_for(data_dir, cfg.eval.split, rows, cfg.eval.ks, cfg.eval.beams)
+    if cfg.eval.sasrec:
+        from tsrec.decode.sasrec import score_sasrec_for, settings_from
+
+        out["sasrec"], _ = score_sasrec_for(data_dir, cfg.eval.split, rows, cfg.eval.ks, cfg.eval.beams,
+                                            settings_from(cfg.eval, cfg.run.seed), cache_dir=out_dir)
+    return out
 
 
 def evaluate_local(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, out_dir: Path,

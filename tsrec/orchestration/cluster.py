@@ -24,11 +24,12 @@ def ray_address(cfg: Config) -> str:
     return cfg.resources.ray_address or os.environ.get("RAY_ADDRESS") or "local"
 
 
-def ensure_ray(cfg: Config, log_dir: Path | None = None) -> None:
+def ensure_ray(cfg: Config, log_dir: Path | None = None, worker_logs: bool = True) -> None:
     """Connect unless this process is already connected (tests and `tsrec run` connect once).
 
     With ``log_dir`` (``tsrec run`` without ``--verbose``), Ray's own progress and INFO lines go to
-    ``<log_dir>/ray.log`` instead of the console (:func:`quiet_console`).
+    ``<log_dir>/ray.log`` instead of the console (:func:`quiet_console`). ``worker_logs=False``: the workers'
+    stdout/stderr stay in Ray's session logs instead of reaching this console (``tsrec tune``'s quiet console).
     """
     if not ray.is_initialized():
         local = ray_address(cfg) == "local"
@@ -40,7 +41,7 @@ def ensure_ray(cfg: Config, log_dir: Path | None = None) -> None:
             quiet_console(log_dir)  # before ray.init: a local cluster's workers inherit the environment
         with _local_state_api(local) as init_kwargs:
             # Never pass num_cpus when joining a cluster (STACK.md 3.4).
-            ray.init(address=ray_address(cfg), configure_logging=False, **init_kwargs)
+            ray.init(address=ray_address(cfg), configure_logging=False, log_to_driver=worker_logs, **init_kwargs)
 
 
 _API_ENV = "RAY_API_SERVER_ADDRESS"
@@ -151,10 +152,12 @@ def quiet_train_worker() -> None:
 
 def train_logging_config():
     """Ray Train's ``LoggingConfig``: WARNING in a quiet run (its INFO lines are in the run's Ray session
-    logs), else Ray's default."""
+    logs), else Ray's default. A sweep trial builds its trainer in a Tune actor, which inherits the quiet
+    driver's environment (``TSREC_QUIET``) but not its module state."""
     from ray.train.v2.api.config import LoggingConfig
 
-    return LoggingConfig(log_level="WARNING") if _quiet else LoggingConfig()
+    quiet = _quiet or os.environ.get("TSREC_QUIET") == "1"
+    return LoggingConfig(log_level="WARNING") if quiet else LoggingConfig()
 # Ray log records that are expected in a quiet run and say nothing to act on.
 BENIGN_RAY_MESSAGES = ("Progress bars disabled",)
 

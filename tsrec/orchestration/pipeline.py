@@ -36,6 +36,10 @@ def _data(cfg: Config, root: Path) -> dict:
 
 
 def _sid(cfg: Config, root: Path) -> dict:
+    if cfg.sid.method == "import":  # an existing index.json: checked and written on the driver, no Ray workers
+        from tsrec.sid.imported import import_sids
+
+        return import_sids(cfg, root / "data", root / "sids")
     from tsrec.data.schema import read_items
     from tsrec.orchestration.embed import embed_items_ray
     from tsrec.sid.build import build_sids
@@ -110,6 +114,8 @@ def validate_stages(cfg: Config) -> None:
 
 
 MARKER = "pipeline_stage.json"
+# Stages seeded by run.upstream_seed (run.data_seed, else run.seed); the later ones by run.seed.
+UPSTREAM_STAGES = ("data", "sid", "semantics")
 
 
 # Config sections each stage's output depends on (its own and its upstream stages'), so changing
@@ -128,7 +134,16 @@ STAGE_SECTIONS = {
 def _config_hash(cfg: Config, stage: str) -> str:
     full = cfg.to_dict()
     upstream = list(STAGES)[: list(STAGES).index(stage) + 1]
-    relevant = {"seed": full["run"]["seed"], **{sec: full[sec] for s in upstream for sec in STAGE_SECTIONS[s]}}
+    seed = cfg.run.upstream_seed if stage in UPSTREAM_STAGES else cfg.run.seed
+    relevant = {"seed": seed, **{sec: full[sec] for s in upstream for sec in STAGE_SECTIONS[s]}}
+    if stage not in UPSTREAM_STAGES and cfg.run.data_seed is not None:  # and the upstream it was trained on
+        relevant["data_seed"] = cfg.run.data_seed
+    if "sid" in upstream and cfg.sid.method == "import":
+        # The imported index's content, not only its path: an edited file reruns sid and every later stage;
+        # likewise the teacher file the import checks its tokens against (teacher.engine=file).
+        from tsrec.sid.imported import import_fingerprints
+
+        relevant["sid_import_inputs"] = import_fingerprints(cfg)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -34,7 +34,8 @@ other idled). Each part records the ``worker`` (``host:pid``) that produced it.
 vllm error rows: with ``should_continue_on_error`` Ray 2.60 returns rows that vLLM failed without
 running the postprocess (no ``status``; ``__inference_error__`` set); :func:`finish_vllm_batch` turns
 them into ``failed`` records with the engine's reason, in a block of only error rows or a mixed one.
-``teacher.limit`` extracts only the first N tokens (smoke runs); a later run without it completes the rest.
+``teacher.limit`` extracts only N tokens, taken level by level in turn (every level gets semantics, so every
+SA-Init depth differs; smoke runs and sweeps); a later run without it completes the rest.
 
     tsrec semantics extract --sids runs/x/sids --data runs/x/data --out runs/x/semantics --engine hf
 """
@@ -54,7 +55,7 @@ import pandas as pd
 
 from tsrec.artifacts import InputError, atomic_write_json, file_sha256, staging_dir, write_manifest, write_parquet
 from tsrec.config import Config
-from tsrec.semantics.clusters import build_clusters, cluster_stats
+from tsrec.semantics.clusters import build_clusters, cluster_stats, first_per_level
 from tsrec.semantics.records import validate_record_set, write_teacher_file
 from tsrec.semantics.teacher import OUTPUT_COLUMNS, TEACHER_ENGINES, request_rows, weights_fingerprint
 from tsrec.sid.index import read_index
@@ -74,9 +75,10 @@ def extract_semantics(cfg: Config, sids_dir: Path, data_dir: Path, out_dir: Path
 
     # --- 1. clusters and requests ---
     index = read_index(sids_dir)
-    all_clusters = build_clusters(index, tcfg.max_items_per_prompt, cfg.run.seed)
+    all_clusters = build_clusters(index, tcfg.max_items_per_prompt, cfg.run.upstream_seed)
     order = [c.token for c in all_clusters]
-    clusters = all_clusters[: tcfg.limit] if tcfg.limit > 0 else all_clusters
+    clusters = first_per_level(all_clusters, tcfg.limit) if tcfg.limit > 0 else all_clusters
+    requested = {c.token for c in clusters}
     model_path, gguf = _model_source(cfg)
     if engine == "file":
         titles = {i: "" for c in clusters for i in c.sample_item_ids}
@@ -108,7 +110,7 @@ def extract_semantics(cfg: Config, sids_dir: Path, data_dir: Path, out_dir: Path
     t_engine = time.time()
     if pending:
         if engine == "file":
-            teacher = TEACHER_ENGINES["file"](**TEACHER_ENGINES["file"].constructor_kwargs(tcfg, cfg.run.seed))
+            teacher = TEACHER_ENGINES["file"](**TEACHER_ENGINES["file"].constructor_kwargs(tcfg, cfg.run.upstream_seed))
             _write_part(parts_dir, pd.DataFrame(teacher(_columns(pending))))
         elif engine == "hf":
             _run_hf(cfg, pending, model_path, gguf, parts_dir)
@@ -143,7 +145,7 @@ def extract_semantics(cfg: Config, sids_dir: Path, data_dir: Path, out_dir: Path
         write_teacher_file(stage / "description_keywords.json", records)
         write_parquet(merged.reset_index(drop=True), stage / "semantics.parquet")
         atomic_write_json(stage / "failures.json", {"failed": failures, "file_extra_tokens": extra,
-                                                     "not_requested": order[len(rows):]})
+                                                     "not_requested": [t for t in order if t not in requested]})
         stats["seconds"] = round(time.time() - t0, 3)
         inputs: dict[str, Any] = {"sids": sids_dir}
         if engine == "file":
@@ -152,7 +154,7 @@ def extract_semantics(cfg: Config, sids_dir: Path, data_dir: Path, out_dir: Path
             inputs["data"] = data_dir
         write_manifest(stage, "semantics", cfg, inputs=inputs,
                        outputs=["description_keywords.json", "semantics.parquet", "failures.json"], stats=stats,
-                       seed=cfg.run.seed)
+                       seed=cfg.run.upstream_seed)
     return {"out_dir": str(out_dir), **stats}
 
 
@@ -193,7 +195,7 @@ def _run_hf(cfg: Config, pending: list[dict[str, Any]], model_path: str, gguf: s
     ds = ray.data.from_items(pending, override_num_blocks=blocks)
     ds = ds.map_batches(
         HFTeacher,
-        fn_constructor_kwargs=HFTeacher.constructor_kwargs(cfg.teacher, cfg.run.seed, model_path, gguf,
+        fn_constructor_kwargs=HFTeacher.constructor_kwargs(cfg.teacher, cfg.run.upstream_seed, model_path, gguf,
                                                            num_threads=max(1, int(res.cpus_per_worker))),
         batch_size=bs,
         # One block per actor at a time: with Ray's default (2 in flight) one actor can take every block.
@@ -387,7 +389,7 @@ def build_vllm_processor(cfg: Config, model_path: str, with_teacher: bool = Fals
 
     from tsrec.semantics.teacher import VllmTeacher
 
-    teacher = VllmTeacher(**VllmTeacher.constructor_kwargs(cfg.teacher, cfg.run.seed, model_path,
+    teacher = VllmTeacher(**VllmTeacher.constructor_kwargs(cfg.teacher, cfg.run.upstream_seed, model_path,
                                                            concurrency=max(1, cfg.teacher.concurrency), cpu=cpu,
                                                            cpus_per_engine=vllm_cpus_per_engine(cfg)))
     processor = build_processor(vLLMEngineProcessorConfig(**vllm_processor_config(teacher, batch_size, engines)),

@@ -52,6 +52,65 @@ def ray_storage(uri: str, endpoint: str = "") -> dict:
     return {"storage_path": path, "storage_filesystem": fs}
 
 
+def check_storage(uri: str, endpoint: str, key: str) -> None:
+    """ConfigError naming ``key`` (e.g. ``tune.storage_path``) unless the storage ``uri`` can be used, checked
+    before any worker starts: a local path always can (created when first written); a URI needs a scheme
+    pyarrow knows (``s3://``, ``gs://``, ...) and a reachable bucket: ``s3://`` on ``endpoint``
+    (``run.storage_endpoint``), else on AWS or ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, with this
+    process's credentials (the Ray workers need the same ones)."""
+    import pyarrow.fs as pafs
+
+    if "://" not in uri:
+        return
+    scheme = uri.partition("://")[0]
+    where = (f" on run.storage_endpoint={endpoint}" if endpoint else
+             " (run.storage_endpoint empty: AWS itself, or AWS_ENDPOINT_URL_S3)" if scheme == "s3" else "")
+    try:
+        fs, path = filesystem(uri, endpoint)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    except (ValueError, OSError) as e:  # pyarrow: ArrowInvalid for an unknown scheme, OSError for an unreachable S3
+        if "Unrecognized filesystem type" in str(e):
+            raise ConfigError(f"{key}: unknown storage scheme {scheme}:// in {uri!r} (a local path, or a URI such as "
+                              f"s3://bucket/prefix or gs://bucket/prefix)") from None
+        raise ConfigError(f"{key}: cannot reach {uri!r}{where}: {e}") from None
+    bucket = path.split("/")[0]  # object stores (s3, gs): the bucket must exist; else (hdfs) the server answers
+    try:
+        info = fs.get_file_info(bucket or path)
+    except OSError as e:  # connection refused, unknown host, denied credentials
+        raise ConfigError(f"{key}: cannot reach {uri!r}{where}: {e}") from None
+    if bucket and info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"{key}: bucket {bucket!r} of {uri!r} does not exist{where}")
+
+
+def tree_fingerprint(uri: str, endpoint: str = "") -> dict | None:
+    """Identifies a folder's content by its listing (relative paths, sizes, modification times) without
+    reading it, on any storage (``filesystem``); None when ``uri`` is not a folder with files."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri, endpoint)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return None
+    files = sorted((f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                    if f.type == pafs.FileType.File), key=lambda f: f.path)
+    if not files:
+        return None
+    h = hashlib.sha1()
+    for f in files:
+        h.update(f"{f.path[len(path):].lstrip('/')}:{f.size}:{f.mtime_ns}".encode())
+    return {"files": len(files), "listing_sha1": h.hexdigest()}
+
+
+def exists(uri: str, endpoint: str = "") -> bool:
+    """Whether file or folder ``uri`` (local path or cloud URI) exists."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri, endpoint)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
 # Ray Train 2.60 reads the worker-group start timeout from the driver's environment when fit() creates its
 # controller (and passes it on); there is no parameter for it.
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"

@@ -21,6 +21,11 @@
    checkpoint. A changed space, base config or upstream has another identity: a new experiment in its own
    folder (the old outputs in ``<tune>/`` are removed first, so they always belong to ``<tune>/sweep.json``).
    Model inits are keyed on the model/sa_init sections, the seed and the SID and teacher-file fingerprints.
+   Storage: with ``tune.storage_path`` (``s3://bucket/prefix``, ``run.storage_endpoint`` as for SFT) the experiment
+   (``<storage>/ray/sweep-<identity>``) and the trials' Ray Train runs (``<storage>/trials/trial-<id>``) live
+   there and are restored from there (``Tuner.restore`` with the same pyarrow filesystem); the identity does not
+   depend on it. Inits, trial-start markers and the outputs stay local in ``<tune>/``; ``best_model/`` is fetched.
+   The storage is checked before anything starts (``tsrec.orchestration.storage.check_storage``: ConfigError).
 5. Outputs in ``<run.out_dir>/<tune.dir>/``: sweep.json, results.csv, results.md, metric_vs_step.png,
    best_by_depth_weight.png, best_config.yaml, best_model/ (HF folder; copied again only when the best
    trial or its model changed), best_test_eval/ (eval_test). Equal metrics are ranked by
@@ -41,15 +46,15 @@ from pathlib import Path
 from typing import Any
 
 from tsrec.config import Config
-from tsrec.tune.identity import (experiment_dir, identity_payload, recorded_identity, sweep_identity,
-                                 upstream_fingerprints)
+from tsrec.tune.identity import (EXPERIMENT_PREFIX, experiment_dir, identity_payload, recorded_identity,
+                                 sweep_identity, upstream_fingerprints)
 from tsrec.tune.space import (Param, apply_params, check_resources, count_trials, init_key, init_variants,
                               parse_space, sft_best_metric, trial_config)
 
 UPSTREAM = ("data", "sid", "semantics")
 # What a sweep writes in <tune>/ besides its experiment, trials and inits: removed when the sweep changed.
-OUTPUTS = ("results.csv", "results.md", "metric_vs_step.png", "best_by_depth_weight.png", "best_config.yaml",
-           "summary.json", "best_model", "best_model.json", "best_test_eval")
+OUTPUTS = ("results.csv", "results.md", "settings.csv", "metric_vs_step.png", "settings.png", "best_by_depth_weight.png",
+           "best_config.yaml", "summary.json", "best_model", "best_model.json", "best_test_eval")
 
 
 def run_tune(cfg: Config, log: Callable[[str], None] = print, verbose: bool = False) -> dict[str, Any]:
@@ -62,6 +67,7 @@ def run_tune(cfg: Config, log: Callable[[str], None] = print, verbose: bool = Fa
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from tsrec.orchestration.cluster import ensure_ray
+    from tsrec.orchestration.storage import check_storage, ray_storage
 
     t = cfg.tune
     params = parse_space(t)
@@ -69,7 +75,12 @@ def run_tune(cfg: Config, log: Callable[[str], None] = print, verbose: bool = Fa
     n_trials = count_trials(params, t)
     root = Path(cfg.run.out_dir).resolve()
     tune_dir = root / t.dir
-    ensure_ray(cfg, log_dir=None if verbose else root / "logs")
+    endpoint = cfg.run.storage_endpoint
+    storage = _resolve_storage(t.storage_path)  # "" = <tune>/ on local disk
+    check_storage(storage, endpoint, "tune.storage_path")  # unknown scheme, unreachable bucket: before anything
+    # Quiet: the trials' own lines (each trial's [sft] progress, Ray Train's controller, the actors' shutdown
+    # noise) stay in Ray's session logs; the driver prints one line per finished trial (_progress_callback).
+    ensure_ray(cfg, log_dir=None if verbose else root / "logs", worker_logs=verbose)
     concurrent = check_resources(t, n_trials, ray.cluster_resources())  # before anything starts
     log(f"[tsrec tune] {n_trials} trial(s), {concurrent} at once, metric {t.metric} ({t.mode}) -> {tune_dir}")
 
@@ -77,9 +88,13 @@ def run_tune(cfg: Config, log: Callable[[str], None] = print, verbose: bool = Fa
     _upstream(cfg, root, log)
     base = cfg.to_dict()
     base["run"]["out_dir"] = str(root)
+    base["tune"]["storage_path"] = storage  # resolved here: the trials read it (not part of the identity)
     inputs = upstream_fingerprints(root)  # after the upstream stages: what the trials will read
     identity = sweep_identity(base, inputs)
-    exp_path = _claim(tune_dir, identity, identity_payload(base, inputs), log)
+    # The experiment: <storage>/ray/sweep-<identity>, <storage> = tune.storage_path or <tune>/.
+    exp_name = f"{EXPERIMENT_PREFIX}{identity}"
+    exp_uri = f"{_storage_root(base)}/ray/{exp_name}"
+    _claim(tune_dir, identity, identity_payload(base, inputs), log, experiment=exp_uri)
     for values in init_variants(params):
         icfg = apply_params(base, values)
         _init(icfg, root, tune_dir / "inits" / init_key(icfg, inputs), log)
@@ -87,10 +102,13 @@ def run_tune(cfg: Config, log: Callable[[str], None] = print, verbose: bool = Fa
     # --- the Tuner (new or restored) ---
     trainable = tune.with_resources(_make_trial_fn(base, root, tune_dir, inputs),
                                     {"CPU": t.resources.driver_cpus})
-    storage = exp_path.parent
-    if tune.Tuner.can_restore(str(exp_path)):
-        log(f"[tsrec tune] resuming the sweep in {exp_path}")
-        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    # A custom S3 endpoint: Ray gets a pyarrow filesystem and paths inside it (ray_storage), also to restore.
+    where = ray_storage(exp_uri, endpoint)
+    exp_fs = where.get("storage_filesystem")
+    if tune.Tuner.can_restore(where["storage_path"], storage_filesystem=exp_fs):
+        log(f"[tsrec tune] resuming the sweep in {exp_uri}")
+        tuner = tune.Tuner.restore(where["storage_path"], trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=exp_fs)
     else:
         max_t = t.scheduler.max_t or cfg.sft.max_steps or 10**9
         # stop_last_trials=False: a trial past the last rung runs to its own end (its final export and the
@@ -105,7 +123,9 @@ def run_tune(cfg: Config, log: Callable[[str], None] = print, verbose: bool = Fa
                                         # the random/grid generator limits itself (see _searcher); Tune would
                                         # ignore the value with a console warning
                                         max_concurrent_trials=concurrent if t.search == "optuna" else None),
-            run_config=tune.RunConfig(name=exp_path.name, storage_path=str(storage), verbose=0))
+            run_config=tune.RunConfig(name=exp_name, **ray_storage(f"{_storage_root(base)}/ray", endpoint), verbose=0))
+    # A restored Tuner keeps the run config it was saved with: the progress callback is set on it again.
+    tuner._local_tuner.get_run_config().callbacks = [_progress_callback(log, n_trials, t.metric)]
     with _tune_console(verbose):
         grid = tuner.fit()
 
@@ -133,15 +153,34 @@ def _tune_console(verbose: bool):
             os.environ["RAY_AIR_NEW_OUTPUT"] = old
 
 
-def _claim(tune_dir: Path, identity: str, payload: dict[str, Any], log) -> Path:
-    """Make ``<tune>/`` the folder of the sweep ``identity`` and return its Tune experiment folder
+def _resolve_storage(storage_path: str) -> str:
+    """``tune.storage_path`` as the trials will read it: "" stays "" (``<tune>/``), a local path absolute (the
+    driver's working folder), a URI without its trailing slash."""
+    s = storage_path.strip()
+    if not s or "://" in s:
+        return s.rstrip("/")
+    return str(Path(s).resolve())
+
+
+def _storage_root(base: dict[str, Any]) -> str:
+    """Where the experiment (``ray/sweep-<identity>``) and the trials' Ray Train runs (``trials/trial-<id>``) live:
+    ``tune.storage_path`` as :func:`run_tune` resolved it into ``base``, else ``<run.out_dir>/<tune.dir>``."""
+    return base["tune"]["storage_path"] or str(Path(base["run"]["out_dir"]) / base["tune"]["dir"])
+
+
+def _claim(tune_dir: Path, identity: str, payload: dict[str, Any], log, experiment: str | None = None) -> Path:
+    """Make ``<tune>/`` the folder of the sweep ``identity`` and return its local Tune experiment folder
     (``<tune>/ray/sweep-<identity>``: restored if it holds a saved experiment, else created).
 
     When ``sweep.json`` names another sweep (or none), the outputs in ``<tune>/`` (table, plots, best config and
     model, summary) are removed, so nothing there can be read as this sweep's; the other sweep's experiment folder
-    stays (rerunning that sweep restores it). Then ``sweep.json`` records this sweep."""
+    stays (rerunning that sweep restores it). Then ``sweep.json`` records this sweep and where its experiment is
+    (``experiment``: a URI under ``tune.storage_path``; default the local folder). The same sweep with its
+    experiment elsewhere (``tune.storage_path`` changed) keeps its outputs; ``sweep.json`` is updated and the
+    driver says so (Tune restores only from the experiment's own storage)."""
     from tsrec.artifacts import atomic_write_json
 
+    experiment = experiment or str(experiment_dir(tune_dir, identity))
     old = recorded_identity(tune_dir)
     if old is not None and old != identity:
         log(f"[tsrec tune] the sweep changed (config, space or upstream inputs): identity {old} -> {identity}; "
@@ -156,7 +195,13 @@ def _claim(tune_dir: Path, identity: str, payload: dict[str, Any], log) -> Path:
                 f.unlink(missing_ok=True)
         tune_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(tune_dir / "sweep.json", json.loads(json.dumps(
-            {"identity": identity, "experiment": str(experiment_dir(tune_dir, identity)), **payload}, default=str)))
+            {"identity": identity, "experiment": experiment, **payload}, default=str)))
+    else:
+        recorded = _read_json(tune_dir / "sweep.json")
+        if recorded.get("experiment") != experiment:
+            log(f"[tsrec tune] the sweep's experiment is now {experiment} (was {recorded.get('experiment')}): "
+                f"a sweep is restored only from its own storage (tune.storage_path)")
+            atomic_write_json(tune_dir / "sweep.json", {**recorded, "experiment": experiment})
     return experiment_dir(tune_dir, identity)
 
 
@@ -221,7 +266,8 @@ def _make_trial_fn(base: dict[str, Any], root: Path, tune_dir: Path, inputs: dic
         (starts / f"{trial_id}.{time.time_ns()}").touch()  # one marker per start: resume is auditable
         cfg = trial_config(base, config["params"])  # ranking probe on, best/ chosen by tune.metric
         sem = _semantics_file(root) if cfg.sft.use_ts_align else None
-        storage, name, endpoint = str(tune_dir / "trials"), f"trial-{trial_id}", cfg.run.storage_endpoint
+        # <storage>/trials/trial-<id>: under tune.storage_path (a bucket) or <tune>/ (local)
+        storage, name, endpoint = f"{_storage_root(base)}/trials", f"trial-{trial_id}", cfg.run.storage_endpoint
         # Same name + storage on a restored sweep: Ray Train resumes this trial from its last checkpoint.
         result = fit_trainer(
             sft_worker, loop_config(cfg, tune_dir / "inits" / init_key(cfg, inputs), root / "data", root / "sids", sem,
@@ -250,6 +296,32 @@ def _report_callback_class():
     return Report
 
 
+def _progress_callback(log, n_trials: int, metric: str):
+    """A Tune callback that logs one line per trial as it ends: its values, its best ``metric`` and wall time,
+    or its error (the trial's own lines are in Ray's session logs unless ``--verbose``)."""
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def __init__(self):
+            self.done = 0
+
+        def _line(self, trial, what: str) -> None:
+            self.done += 1
+            values = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in (trial.config.get("params") or {}).items())
+            log(f"[tsrec tune] trial {self.done}/{n_trials} {trial.trial_id} ({values}): {what}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            r = trial.last_result or {}
+            value = r.get(metric)
+            shown = f"{metric} {value:.4f}" if isinstance(value, (int, float)) else f"no {metric}"
+            self._line(trial, f"{shown} after {r.get('steps', '?')} steps, {r.get('time_total_s', 0):.0f} s")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, f"ERROR {str(trial.error_file or '')} (the trial's lines: Ray's session logs)")
+
+    return Progress()
+
+
 def _rename(m: dict[str, Any]) -> dict[str, Any]:
     out = {(f"valid_{k[5:]}" if k.startswith("eval/") else k): v for k, v in m.items() if not isinstance(v, dict)}
     if "step" in out:
@@ -263,6 +335,8 @@ def _Report():  # noqa: N802 - reads as the class it builds (defined lazily: Ray
 
 def _record(result, base: dict[str, Any]) -> dict[str, Any]:
     """A plain trial record (tsrec.tune.results) from a Tune ``Result``."""
+    from tsrec.orchestration.train import artifacts_uri
+
     df = result.metrics_dataframe
     history = []
     if df is not None and len(df):
@@ -276,11 +350,15 @@ def _record(result, base: dict[str, Any]) -> dict[str, Any]:
         if h.get("steps") is not None and h["steps"] not in seen:
             seen.add(h["steps"])
             points.append(h)
-    return {"trial_id": last.get("trial_id") or Path(result.path).name, "params": params, "history": points,
+    trial_id = last.get("trial_id") or Path(result.path).name
+    return {"trial_id": trial_id, "params": params, "history": points,
             "finished": any(h.get("sft_finished") for h in history), "error": str(result.error) if result.error else None,
             "wall_s": last.get("time_total_s") or (history[-1].get("time_total_s") if history else 0.0),
             # the trial's planned length, for "stopped early": sft.max_steps, else the scheduler's max_t
-            "max_steps": cfg.sft.max_steps or cfg.tune.scheduler.max_t or None, "path": result.path}
+            "max_steps": cfg.sft.max_steps or cfg.tune.scheduler.max_t or None, "path": result.path,
+            # where its Ray Train run left its models (best/, final/): local or in tune.storage_path's bucket
+            "artifacts": artifacts_uri(f"{_storage_root(base)}/trials", f"trial-{trial_id}"),
+            "storage_endpoint": base["run"]["storage_endpoint"]}
 
 
 def _isnan(v) -> bool:
@@ -289,22 +367,19 @@ def _isnan(v) -> bool:
 
 def _write_outputs(cfg: Config, base, trials, tune_dir: Path, root: Path, log, identity: str) -> dict[str, Any]:
     from tsrec.artifacts import atomic_write_json
-    from tsrec.tune.results import (best_trial, plot_heatmap, plot_metric_vs_step, trial_rows, write_best_config,
-                                    write_tables)
+    from tsrec.tune.results import best_trial, settings_markdown, write_best_config, write_results
 
     t = cfg.tune
-    rows = trial_rows(trials, t.metric, t.mode)
-    write_tables(rows, tune_dir)
-    plot_metric_vs_step(trials, t.metric, tune_dir / "metric_vs_step.png")
-    plot_heatmap(rows, t.metric, t.mode, base, tune_dir / "best_by_depth_weight.png")
-    best = best_trial(trials, t.metric, t.mode)
+    rows, settings = write_results(trials, t.metric, t.mode, base, tune_dir)  # tables and plots
+    best = best_trial(trials, t.metric, t.mode)  # the best trial of the best setting (mean over seeds)
     summary: dict[str, Any] = {"sweep": identity, "trials": len(trials), "metric": t.metric, "mode": t.mode,
                                "stopped_early": sum(bool(r["stopped_early"]) for r in rows),
-                               "errors": sum(r["status"] == "error" for r in rows), "out": str(tune_dir)}
+                               "errors": sum(r["status"] == "error" for r in rows), "out": str(tune_dir),
+                               "settings": settings}
     if best is not None:
         write_best_config(base, best["params"], tune_dir / "best_config.yaml")
-        summary.update(best_trial=best["trial_id"], best_params=best["params"],
-                       best_metric=rows[0][f"best_{t.metric}"])
+        summary.update(best_setting=settings[0], best_trial=best["trial_id"], best_params=best["params"],
+                       best_metric=next(r for r in rows if r["trial_id"] == best["trial_id"])[f"best_{t.metric}"])
         if t.export_best:
             dest, copied = _export_best(best, tune_dir)
             summary["best_model"] = str(dest)
@@ -320,7 +395,7 @@ def _write_outputs(cfg: Config, base, trials, tune_dir: Path, root: Path, log, i
                     summary["best_test"] = run_eval(ecfg, dest, root / "data", root / "sids",
                                                     tune_dir / "best_test_eval")
     atomic_write_json(tune_dir / "summary.json", json.loads(json.dumps(summary, default=str)))
-    log((tune_dir / "results.md").read_text())
+    log(settings_markdown(settings))  # the settings table last: trials are in results.md
     log(f"[tsrec tune] results: {tune_dir / 'results.md'}; best config: {tune_dir / 'best_config.yaml'}")
     return summary
 
@@ -335,21 +410,31 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _export_best(best: dict[str, Any], tune_dir: Path) -> tuple[Path, bool]:
     """The best trial's ``best/`` HF folder (its best ``tune.metric`` step: ``sft.best_metric``; else its final
     one) -> ``<tune>/best_model``; returns ``(best_model, copied)``. ``<tune>/best_model.json`` names the
-    trial and the source folder's fingerprint: when they still match, the folder is not copied again."""
+    trial and the source folder's fingerprint: when they still match, the folder is not copied again. The
+    source is the trial record's ``artifacts`` (:func:`_record`): a local folder, or a ``tune.storage_path``
+    bucket it is fetched from (fingerprint: the objects' names, sizes and modification times)."""
     from tsrec.artifacts import atomic_write_json
+    from tsrec.orchestration.storage import exists, tree_fingerprint
+    from tsrec.orchestration.train import copy_tree
     from tsrec.tune.identity import fingerprint
 
-    arts = tune_dir / "trials" / f"trial-{best['trial_id']}" / "artifacts"
-    src = arts / "best" if (arts / "best" / "config.json").exists() else arts / "final"
+    arts = best.get("artifacts") or str(tune_dir / "trials" / f"trial-{best['trial_id']}" / "artifacts")
+    endpoint = best.get("storage_endpoint") or ""
+    remote = "://" in arts
+    src = f"{arts}/best" if exists(f"{arts}/best/config.json", endpoint) else f"{arts}/final"
     dest = tune_dir / "best_model"
-    if not (src / "config.json").exists():
+    if not exists(f"{src}/config.json", endpoint):
         raise FileNotFoundError(f"{src}: the best trial left no model folder")
-    source = {"trial_id": best["trial_id"], "source": src.name, "fingerprint": fingerprint(src)}
+    source = {"trial_id": best["trial_id"], "source": src.rsplit("/", 1)[-1],
+              "fingerprint": tree_fingerprint(src, endpoint) if remote else fingerprint(src)}
     if (dest / "config.json").exists() and _read_json(tune_dir / "best_model.json") == source:
         return dest, False
     tmp = tune_dir / ".best_model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    if remote:
+        copy_tree(src, str(tmp), endpoint)  # fetched from the bucket
+    else:
+        shutil.copytree(src, tmp)
     (tune_dir / "best_model.json").unlink(missing_ok=True)  # no claim while the folder is being replaced
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)

@@ -86,6 +86,22 @@ def build_clusters(index: SidIndex, max_items: int, seed: int) -> list[TokenClus
     ]
 
 
+def first_per_level(clusters: list[TokenCluster], n: int) -> list[TokenCluster]:
+    """``n`` clusters taken from the levels in turn (level 0's first, level 1's first, ..., then each level's second),
+    each level in its own order; returned in the input order. A limit that took the first ``n`` in token order
+    would give only level-0 tokens semantics, and every SA-Init depth above 1 the same model."""
+    by_level: dict[int, list[TokenCluster]] = {}
+    for c in clusters:
+        by_level.setdefault(c.level, []).append(c)
+    chosen: set[str] = set()
+    queues = [list(reversed(q)) for _, q in sorted(by_level.items())]
+    while len(chosen) < min(n, len(clusters)):
+        for q in queues:
+            if q and len(chosen) < n:
+                chosen.add(q.pop().token)
+    return [c for c in clusters if c.token in chosen]
+
+
 def cluster_stats(clusters: list[TokenCluster]) -> dict[str, dict[str, float]]:
     """Tokens, mean / min / max items per token and sampled tokens, per level (``level_0`` ...)."""
     out: dict[str, dict[str, float]] = {}

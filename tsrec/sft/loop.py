@@ -44,7 +44,7 @@ from tsrec.train.engine import (EngineSpec, build_engine, deepspeed_config, load
 from tsrec.train.faults import maybe_fail
 from tsrec.train.metrics import save_logs
 from tsrec.train.ranking import ValidRanking, valid_ranking_rows
-from tsrec.train.sampling import rank_share
+from tsrec.train.sampling import planned_counts, rank_share
 from tsrec.train.schedule import lr_lambda
 
 # `sft` keys that do not change what a training step computes: log/save cadence, where checkpoints
@@ -118,6 +118,11 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
               f"grad_accum={gas} global_batch={sft.global_batch_size} steps/epoch={steps_per_epoch} "
               f"steps={total_steps} decay_steps={decay_steps} packing={sft.packing} pack_len={pack_len} zero={sft.zero_stage} "
               f"{sft.precision} device={dist.device.type}", flush=True)
+    planned = planned_counts(train, total_steps, steps_per_epoch, sft.global_batch_size, cfg.run.seed)
+    unseen = [t for t, n in mix.counts.items() if n and not planned.get(t) and getattr(sft.tasks, t).loss_weight]
+    if rank == 0:
+        print(f"[sft] samples drawn in the {total_steps} planned steps: {planned}"
+              + (f"; WARNING: none of {unseen}: their settings cannot change this run" if unseen else ""), flush=True)
 
     # A checkpoint is resumed only by the same run (config, inputs, world size, LR horizon): checked
     # before any model is built, so a changed config fails fast instead of continuing old weights.
@@ -198,6 +203,7 @@ def train_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, sema
             "final_val_loss": final[-1]["eval/loss"] if final else None,
             "final_train_loss": rows[-1]["train/loss"] if rows else None, "early_stopped": state["stopped"],
             "grad_accum": gas, "steps_per_epoch": steps_per_epoch, "samples": len(train), "task_counts": mix.counts,
+            "planned_task_counts": planned,
             "first_val_loss": final[0]["eval/loss"] if final else None}
 
 

@@ -36,7 +36,7 @@ from tsrec.artifacts import InputError, atomic_write_json, staging_dir, write_ma
 from tsrec.config import Config
 from tsrec.data.schema import read_items
 from tsrec.sid.collisions import collision_stats, resolve_collisions
-from tsrec.sid.index import SidIndex, token
+from tsrec.sid.index import SidIndex, sid_stats, sids_table
 from tsrec.sid.rqkmeans import fit_rqkmeans
 
 OUTPUTS = ("index.json", "sids.parquet", "embeddings.npy", "stats.json")
@@ -55,13 +55,20 @@ def build_sids(cfg: Config, data_dir: Path, out_dir: Path, embeddings: np.ndarra
     Returns:
         The ``stats.json`` content plus ``timing_s`` (seconds per phase) and ``out_dir``.
 
+    ``sid.method=import`` reads ``sid.index_file`` instead (:func:`tsrec.sid.imported.import_sids`).
+
     Raises:
         InputError: ``items.parquet`` is missing, malformed or has duplicate item ids.
         ValueError: ``embeddings`` does not have one row per item.
         CollisionError: ``sid.collision=reassign`` cannot make every SID unique.
     """
+    from tsrec.sid.imported import check_config, import_sids
+
+    check_config(cfg)
+    if cfg.sid.method == "import":  # an existing index.json instead of k-means; embeddings are not used
+        return import_sids(cfg, data_dir, out_dir)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    seed = cfg.sid.seed if cfg.sid.seed is not None else cfg.run.seed
+    seed = cfg.sid.seed if cfg.sid.seed is not None else cfg.run.upstream_seed
     timing: dict[str, float] = {}
 
     # --- 1. items, in item_id order (row i of every output is item i) ---
@@ -117,7 +124,7 @@ def build_sids(cfg: Config, data_dir: Path, out_dir: Path, embeddings: np.ndarra
     )
     with staging_dir(out_dir) as stage:
         atomic_write_json(stage / "index.json", index.to_json_obj(), indent=None)
-        write_parquet(_sids_table(item_ids, codes), stage / "sids.parquet")
+        write_parquet(sids_table(item_ids, codes), stage / "sids.parquet")
         np.save(stage / "embeddings.npy", embeddings)
         atomic_write_json(stage / "stats.json", stats)
         write_manifest(
@@ -138,37 +145,6 @@ def embed_items(cfg: Config, items: pa.Table) -> np.ndarray:
 
     encoder = TextEncoder(**encoder_kwargs(cfg.embed))
     return encoder.encode(item_texts(items, cfg.embed.text))  # (N, D)
-
-
-def sid_stats(codes: np.ndarray, codebook_size: int, requested_codebook_size: int, levels: int) -> dict[str, Any]:
-    """Per-level token use of final SID codes (N, L or L + 1).
-
-    ``codebook_utilisation_per_level`` covers the ``levels`` k-means levels (distinct codes / C); the
-    ``<d_r>`` position of ``extra_level`` SIDs has no codebook and appears only in the distinct counts.
-    """
-    distinct = [int(len(np.unique(codes[:, lvl]))) for lvl in range(codes.shape[1])]
-    return {
-        "items": int(len(codes)),
-        "levels": int(levels),
-        "sid_length": int(codes.shape[1]),
-        "codebook_size": int(codebook_size),
-        "codebook_size_requested": int(requested_codebook_size),
-        "distinct_tokens_per_level": distinct,
-        "codebook_utilisation_per_level": [round(d / codebook_size, 6) for d in distinct[:levels]],
-    }
-
-
-def _sids_table(item_ids: np.ndarray, codes: np.ndarray) -> pa.Table:
-    toks = [[token(lvl, c) for lvl, c in enumerate(row)] for row in codes.tolist()]
-    columns: dict[str, Any] = {
-        "item_id": pa.array(item_ids, pa.int64()),
-        "sid": pa.array(["".join(t) for t in toks], pa.string()),
-    }
-    for lvl in range(codes.shape[1]):
-        columns[f"code_{lvl}"] = pa.array(codes[:, lvl], pa.int64())
-    for lvl in range(codes.shape[1]):
-        columns[f"token_{lvl}"] = pa.array([t[lvl] for t in toks], pa.string())
-    return pa.table(columns)
 
 
 def _encoder_path(cfg: Config) -> str:

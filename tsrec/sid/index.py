@@ -12,6 +12,10 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
 
 from tsrec.artifacts import InputError, read_json
 
@@ -105,3 +109,35 @@ def read_index(path: str | Path) -> SidIndex:
                 raise InputError(path, f"item {key}: token {t} at level {lvl}", field="sid")
         items[item_id] = list(toks)
     return SidIndex(dict(sorted(items.items())))
+
+
+def sid_stats(codes: np.ndarray, codebook_size: int, requested_codebook_size: int, levels: int) -> dict[str, Any]:
+    """Per-level token use of final SID codes (N, L or L + 1).
+
+    ``codebook_utilisation_per_level`` covers the ``levels`` k-means levels (distinct codes / C); the
+    ``<d_r>`` position of ``extra_level`` SIDs has no codebook and appears only in the distinct counts.
+    """
+    distinct = [int(len(np.unique(codes[:, lvl]))) for lvl in range(codes.shape[1])]
+    return {
+        "items": int(len(codes)),
+        "levels": int(levels),
+        "sid_length": int(codes.shape[1]),
+        "codebook_size": int(codebook_size),
+        "codebook_size_requested": int(requested_codebook_size),
+        "distinct_tokens_per_level": distinct,
+        "codebook_utilisation_per_level": [round(d / codebook_size, 6) for d in distinct[:levels]],
+    }
+
+
+def sids_table(item_ids: np.ndarray, codes: np.ndarray) -> pa.Table:
+    """The ``sids.parquet`` table: item id, SID string, then each level's code and token."""
+    toks = [[token(lvl, c) for lvl, c in enumerate(row)] for row in codes.tolist()]
+    columns: dict[str, Any] = {
+        "item_id": pa.array(item_ids, pa.int64()),
+        "sid": pa.array(["".join(t) for t in toks], pa.string()),
+    }
+    for lvl in range(codes.shape[1]):
+        columns[f"code_{lvl}"] = pa.array(codes[:, lvl], pa.int64())
+    for lvl in range(codes.shape[1]):
+        columns[f"token_{lvl}"] = pa.array([t[lvl] for t in toks], pa.string())
+    return pa.table(columns)

@@ -30,8 +30,9 @@ def valid_sample(n_rows: int, size: int, seed: int) -> list[int]:
 
 
 def valid_ranking_rows(cfg, data_dir: Path, index, tok, size: int) -> list[dict[str, Any]]:
-    """The fixed valid sample (:func:`valid_sample`, ``run.seed``) with the evaluation prompts of ``tsrec
-    eval`` (stage ``eval`` wording), tokenised (``ids``), with the target's SID token ids (``target``)."""
+    """The fixed valid sample (:func:`valid_sample`, seeded by ``run.data_seed``, else ``run.seed``) with the
+    evaluation prompts of ``tsrec eval`` (stage ``eval`` wording), tokenised (``ids``), with the target's SID token
+    ids (``target``)."""
     from tsrec import prompts
     from tsrec.data.schema import read_split
     from tsrec.decode.evaluate import build_prompt_texts
@@ -42,7 +43,7 @@ def valid_ranking_rows(cfg, data_dir: Path, index, tok, size: int) -> list[dict[
             for i, (u, h, t) in enumerate(zip(table.column("user_id").to_pylist(),
                                               table.column("history_item_ids").to_pylist(),
                                               table.column("item_id").to_pylist()))]
-    rows = [rows[i] for i in valid_sample(len(rows), size, cfg.run.seed)]
+    rows = [rows[i] for i in valid_sample(len(rows), size, cfg.run.upstream_seed)]  # every seed of a sweep: same rows
     out = []
     for r in build_prompt_texts(rows, index, cfg.prompts.mode, source=str(Path(data_dir) / "valid.parquet")):
         target = [int(i) for i in tok.convert_tokens_to_ids(split_sid(r["target_sid"]))]

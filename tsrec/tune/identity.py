@@ -3,7 +3,8 @@
 The identity of a sweep is a hash of what decides its trials' results: the resolved config the trials start
 from (the space, scheduler, search settings, metric and every section a trial reads) minus
 :data:`NON_IDENTITY_KEYS` (where outputs go, what happens after the trials), plus a fingerprint of each
-shared upstream folder (data, sids, semantics). The Tune experiment lives in ``<tune>/ray/sweep-<identity>``:
+shared upstream folder (data, sids, semantics). The Tune experiment lives in ``<tune>/ray/sweep-<identity>``
+(``<tune.storage_path>/ray/sweep-<identity>`` when set; where it lives is not part of the identity):
 the same command restores it, a changed space, base config or upstream starts a new experiment there
 (the old one stays in its own folder, its outputs are not mixed in). ``<tune>/sweep.json`` records the
 identity of the sweep the outputs in ``<tune>/`` belong to.
@@ -21,11 +22,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Dotted config keys that do not change what any trial computes: where the run and the sweep's outputs go,
-# its display name, what happens after the trials (export, test eval), how many trials run at once (a restored
-# experiment keeps its own), and sections no trial reads (rl; resources.*: a trial's group is tune.resources).
-NON_IDENTITY_KEYS = ("run.out_dir", "run.name", "run.storage_endpoint", "tune.dir", "tune.export_best",
-                     "tune.eval_test", "tune.max_concurrent_trials", "tune.resources.driver_cpus",
+# Dotted config keys that do not change what any trial computes: where the run, the sweep's outputs and its
+# experiment and trial runs go (tune.storage_path, run.storage_endpoint: a restore looks there, see
+# tsrec.orchestration.tune), its display name, what happens after the trials (export, test eval), how many trials
+# run at once (a restored experiment keeps its own), and sections no trial reads (rl; resources.*: a trial's
+# group is tune.resources).
+NON_IDENTITY_KEYS = ("run.out_dir", "run.name", "run.storage_endpoint", "tune.dir", "tune.storage_path",
+                     "tune.export_best", "tune.eval_test", "tune.max_concurrent_trials", "tune.resources.driver_cpus",
                      "sft.log_every_steps", "sft.max_failures", "rl", "resources")
 # Shared upstream folders under run.out_dir (the pipeline's data, sid and semantics stages).
 UPSTREAM_DIRS = ("data", "sids", "semantics")

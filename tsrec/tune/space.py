@@ -4,6 +4,7 @@
       sa_init.depth: {grid: [0, 3]}
       sft.tasks.ts_align.loss_weight: {choice: [0.0, 1.0]}
       sft.lr: {loguniform: [1.0e-4, 3.0e-3]}
+      run.seed: {grid: [42, 1, 2]}         # seeds as a dimension: every setting runs once per seed
 
 Every key must be a leaf of :class:`tsrec.config.Config` and every grid/choice value must pass the
 schema's type check for that key, so a typo fails before any trial starts (:class:`SweepSpaceError`).
@@ -30,6 +31,9 @@ UPSTREAM_SECTIONS = ("data", "embed", "sid", "teacher")
 INIT_SECTIONS = ("model", "sa_init")
 # Sections the sweep driver itself owns.
 FORBIDDEN_SECTIONS = ("tune", "resources", "pipeline", "run")
+# The one driver key a sweep may vary: repeating each setting over seeds is how a sweep measures its noise
+# (tsrec.tune.results groups trials into settings by every other key). Model init reads it too.
+SEED_KEY = "run.seed"
 
 
 class SweepSpaceError(ConfigError):
@@ -53,7 +57,9 @@ def parse_space(tune: TuneConfig) -> list[Param]:
     Raises:
         SweepSpaceError: unknown key (with the known keys at that level), an upstream/driver section,
         a spec that is not exactly one of grid/choice/uniform/loguniform, an empty or ill-typed value
-        list, a bad range, or a non-grid entry under ``tune.search=grid``.
+        list, a bad range, or a non-grid entry under ``tune.search=grid``; for ``run.seed`` (the one ``run``
+        key a sweep may vary) anything but a grid of distinct seeds with every other key a grid entry and
+        ``tune.num_samples`` 1 (:func:`_check_seed_sweep`).
     """
     if not tune.space:
         raise SweepSpaceError("tune.space: empty; give at least one key, e.g. sa_init.depth: {grid: [0, 3]}")
@@ -64,7 +70,7 @@ def parse_space(tune: TuneConfig) -> list[Param]:
         if str(key).split(".")[0] in UPSTREAM_SECTIONS:
             raise SweepSpaceError(f"{where}: {key.split('.')[0]}.* is built once and shared by all trials "
                                   f"(sections {', '.join(UPSTREAM_SECTIONS)} cannot be swept)")
-        if str(key).split(".")[0] in FORBIDDEN_SECTIONS:
+        if str(key).split(".")[0] in FORBIDDEN_SECTIONS and key != SEED_KEY:
             raise SweepSpaceError(f"{where}: the sweep driver sets {key.split('.')[0]}.*; it cannot be swept")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
             raise SweepSpaceError(f"{where}: expected one of {{grid: [...]}}, {{choice: [...]}}, {{uniform: [lo, hi]}}, "
@@ -83,6 +89,8 @@ def parse_space(tune: TuneConfig) -> list[Param]:
             if not lo < hi or (kind == "loguniform" and lo <= 0):
                 raise SweepSpaceError(f"{where}.{kind}: need 0 < lo < hi for loguniform, lo < hi for uniform; got {values!r}")
             values = [lo, hi]
+        if key == SEED_KEY:
+            _check_seed_entry(kind, values, tune, where)
         if key.split(".")[0] in INIT_SECTIONS and kind not in ("grid", "choice"):
             # Inits are built before the Tuner starts, one per distinct value: the values must be known.
             raise SweepSpaceError(f"{where}: model/sa_init keys decide the initialised model; use grid or choice")
@@ -91,7 +99,39 @@ def parse_space(tune: TuneConfig) -> list[Param]:
         if tune.search == "optuna" and kind == "grid":
             raise SweepSpaceError(f"{where}: tune.search=optuna samples; use choice instead of grid")
         params.append(Param(str(key), kind, tuple(values)))
+    _check_seed_sweep(params, tune)
     return params
+
+
+def _check_seed_entry(kind: str, values: list, tune: TuneConfig, where: str) -> None:
+    """``run.seed`` must be a grid (distinct values: :func:`_check_seed_sweep`): a sampled seed could run one
+    setting twice with the same seed, and the settings table would count two identical runs as two independent
+    samples. Optuna takes no grid entries, so it cannot sweep seeds."""
+    if tune.search == "optuna":
+        raise SweepSpaceError(f"{where}: tune.search=optuna samples every key; seeds need tune.search=grid or random")
+    if kind != "grid":
+        raise SweepSpaceError(f"{where}: seeds are a grid dimension (every setting runs once per seed); "
+                              f"use run.seed: {{grid: [...]}}, not {kind}")
+
+
+def _check_seed_sweep(params: list[Param], tune: TuneConfig) -> None:
+    """With ``run.seed`` swept, every seed of a setting must run the same values, once. Tune's random generator
+    draws the sampled keys afresh for every grid point (seeds included), and num_samples or a repeated grid
+    value repeats each seed: they would leave settings of one trial each, or identical repeats counted as
+    independent seeds, instead of one trial per seed."""
+    if not any(p.key == SEED_KEY for p in params):
+        return
+    sampled = [p.key for p in params if p.kind != "grid"]
+    if sampled:
+        raise SweepSpaceError(f"tune.space.{SEED_KEY}: with seeds swept, {', '.join(sampled)} would be drawn anew "
+                              "for every seed; give them as grid entries")
+    if tune.num_samples > 1:
+        raise SweepSpaceError(f"tune.space.{SEED_KEY}: tune.num_samples={tune.num_samples} would repeat every seed; "
+                              "add seeds to the run.seed grid instead")
+    repeated = [p.key for p in params if len(set(p.values)) != len(p.values)]
+    if repeated:
+        raise SweepSpaceError(f"tune.space.{SEED_KEY}: {', '.join(repeated)} repeat a value, which would run a setting "
+                              "twice with each seed; list each value once")
 
 
 def leaf_type(key: str) -> Any:
@@ -136,8 +176,13 @@ def get_dotted(raw: dict[str, Any], key: str) -> Any:
 
 
 def apply_params(base: dict[str, Any], values: dict[str, Any]) -> Config:
-    """The trial's config: the base config dict (``Config.to_dict()``) with ``values`` set, validated."""
+    """The trial's config: the base config dict (``Config.to_dict()``) with ``values`` set, validated.
+
+    A trial that sets ``run.seed`` keeps the base's upstream seed (``run.data_seed``): the sweep built data, SIDs
+    and semantics once with it, every seed trains on them, and the trial's best_config.yaml reuses them."""
     raw = copy.deepcopy(base)
+    if SEED_KEY in values and raw["run"].get("data_seed") is None:
+        raw["run"]["data_seed"] = raw["run"]["seed"]
     for key, value in values.items():
         set_dotted(raw, key, value)
     return from_dict(Config, raw, prefix="")
@@ -191,8 +236,10 @@ def count_trials(params: list[Param], tune: TuneConfig) -> int:
 
 
 def init_variants(params: list[Param]) -> list[dict[str, Any]]:
-    """Every distinct combination of the model/sa_init values in the space (``[{}]`` if none is swept)."""
-    keys = [p for p in params if p.key.split(".")[0] in INIT_SECTIONS]
+    """Every distinct combination of the model/sa_init values and the seeds in the space (``[{}]`` if none is
+    swept). The seed is in: model init draws the tiny model's weights and the resized rows from ``run.seed``, and
+    :func:`init_key` names an init by it, so a trial of each seed finds its own init."""
+    keys = [p for p in params if p.key.split(".")[0] in INIT_SECTIONS or p.key == SEED_KEY]
     return [dict(zip([p.key for p in keys], combo)) for combo in itertools.product(*[p.values for p in keys])]
 
 
