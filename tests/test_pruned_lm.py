@@ -48,16 +48,51 @@ def _similarities(tok, table, words):
     return (vecs @ vecs.T)[iu[0], iu[1]]
 
 
-def test_pruned_vocabulary_tokenizes_the_corpus_as_the_full_one(smollm2):
-    from tsrec.pruned_lm import corpus_texts, prune_tokenizer
+SIDS = ["<a_0><b_1><c_2>", "<a_1><b_0><c_3>", "<a_0><b_2><c_0>"]
 
-    full, _ = smollm2
-    texts = corpus_texts(TITLES, RECORDS)
-    tok, kept = prune_tokenizer(full, texts)
+
+def _prompt_samples():
+    """Prompts as SFT, RL and evaluation build them (both wordings), around real titles, descriptions and SIDs."""
+    from tsrec import prompts
+
+    out = []
+    for mode in ("canonical", "upstream"):
+        for stage in ("sft", "rl", "eval"):
+            out.append(prompts.next_sid(SIDS[:2], SIDS[2], mode=mode, stage=stage))
+            out.append(prompts.title_history_to_sid(TITLES[:3], SIDS[0], mode=mode, stage=stage))
+            out.append(prompts.description_to_sid(RECORDS[0]["description"], SIDS[1], mode=mode, stage=stage))
+        for title, sid in zip(TITLES, SIDS * 3):
+            out += [prompts.title_to_sid(title, sid, mode=mode), prompts.sid_to_title(sid, title, mode=mode),
+                    prompts.history_to_title(SIDS, title, mode=mode)]
+        out += [prompts.token_to_description("<a_0>", RECORDS[0]["description"], mode=mode),
+                prompts.description_to_token(RECORDS[0]["description"], "<a_0>", mode=mode)]
+    return out
+
+
+def test_pruned_vocabulary_tokenizes_the_prompts_as_the_full_one(smollm2):
+    """Every prompt as the SFT loop encodes it (segments, SID tokens added, BOS, completion + EOS) gets the same
+    pieces from the pruned vocabulary as from SmolLM2's full one."""
+    import copy
+
+    from tsrec import prompts
+    from tsrec.pruned_lm import corpus_texts, prune_tokenizer
+    from tsrec.sid.index import TOKEN_RE
+
+    full = copy.deepcopy(smollm2[0])  # the cached tokenizer must not get the SID tokens
+    tok, kept = prune_tokenizer(full, corpus_texts(TITLES, RECORDS, SIDS))
     assert 256 < len(tok) < 2000 and kept == sorted(kept) and len(set(kept)) == len(kept)
-    for text in texts:
-        want = full(text, add_special_tokens=False)["input_ids"]
-        assert [kept[i] for i in tok(text, add_special_tokens=False)["input_ids"]] == want, text
+    sid_tokens = sorted({m.group(0) for s in SIDS for m in TOKEN_RE.finditer(s)})
+    full.add_tokens(sid_tokens)
+    tok.add_tokens(sid_tokens)
+
+    def pieces(t, ids, n_base):
+        return [(("base", kept[i]) if t is tok else ("base", i)) if i < n_base else ("sid", t.convert_ids_to_tokens(i))
+                for i in ids]
+
+    for sample in _prompt_samples():
+        want = pieces(full, prompts.encode_sft(full, sample, 100000)[0], len(full) - len(sid_tokens))
+        got = pieces(tok, prompts.encode_sft(tok, sample, 100000)[0], len(kept))
+        assert got == want, (sample.task, sample.mode, sample.user_input)
     other = "Unseen words still tokenize: xylophone, quixotic, 日本"
     assert tok.decode(tok(other, add_special_tokens=False)["input_ids"]) == other
     assert tok.eos_token == full.eos_token and tok.pad_token_id is not None and tok.padding_side == "left"

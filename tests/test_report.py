@@ -177,4 +177,4 @@ def test_report_has_a_sweep_section(tmp_path, tune_dir_name, capsys):
     assert "<td>0.3200 ± 0.0497</td>" in page and "<b>depth=3</b>" in page
     pngs = re.findall(r"src='data:image/png;base64,([^']+)'", page)
     assert len(pngs) == 2 and all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    assert f"{tune_dir_name}: best setting depth=3, valid_ndcg@10 0.3200 ± 0.0497 over 3 trial(s)" in capsys.readouterr().out
+    assert f"{tune_dir_name}: best setting depth=3, valid_ndcg@10 0.3200 ± 0.0497 (mean ± 95% interval) over 3 seed(s)" in capsys.readouterr().out

@@ -252,7 +252,8 @@ def dispatch(args: argparse.Namespace, cfg: Config):
         from tsrec.tune.space import TuneResourceError
 
         try:
-            return run_tune(cfg, verbose=args.verbose)  # prints the results table; the same command resumes
+            run_tune(cfg, verbose=args.verbose)  # prints the settings table; the same command resumes
+            return None  # the full summary is in <run.out_dir>/<tune.dir>/summary.json
         except TuneResourceError as e:  # a config fix (fewer trials at once, smaller trials): same exit as ConfigError
             raise ConfigError(str(e)) from e
     raise AssertionError(f"unhandled command {stage} {verb}")  # pragma: no cover

@@ -146,7 +146,8 @@ def _load_backbone(cfg: Config, sids_dir: Path | None = None, records: list[dict
         from tsrec.pruned_lm import build_pruned_backbone, corpus_texts
 
         m = cfg.model
-        texts = corpus_texts(_catalogue_titles(sids_dir, "model.tiny_vocab=smollm2"), records)
+        texts = corpus_texts(_catalogue_titles(sids_dir, "model.tiny_vocab=smollm2"), records,
+                             sorted(read_index(sids_dir).sids().values()))
         tok, model = build_pruned_backbone(texts, hidden_size=m.tiny_hidden_size, layers=m.tiny_layers,
                                            seed=cfg.run.seed)
         return tok, model.to(dtype), "smollm2-pruned-qwen2"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -104,19 +104,47 @@ def smollm2_embeddings() -> tuple[object, torch.Tensor]:
     return tok, table
 
 
-def corpus_texts(titles: Iterable[str], teacher_records: Iterable[dict] = ()) -> list[str]:
-    """The texts the pruned vocabulary must cover as the prompts show them: the templates, each title alone and
-    after a space (``title: {title}``), each teacher description, and its keywords joined by spaces (SA-Init's
-    text, ``tsrec.semantics.sa_init.init_text``)."""
+def corpus_texts(titles: Sequence[str], teacher_records: Sequence[dict] = (), sids: Sequence[str] = ()) -> list[str]:
+    """The texts the pruned vocabulary must cover, as the tokenizer sees them: every task's prompt segments
+    (``tsrec.prompts.build``, canonical and upstream wording, SFT/RL/eval stages) and completions, filled with the
+    catalogue's titles, the teacher's descriptions and keywords (SA-Init's text) and SID strings, cut at the SID
+    tokens (added tokens: the text between two of them is tokenized on its own). Every title and description
+    appears in each template that shows one, so the pieces around them are the prompts' own."""
     from tsrec import prompts
+    from tsrec.sid.index import TOKEN_RE
 
-    texts = [prompts.PREAMBLE, prompts.INPUT_HEADER, prompts.RESPONSE_HEADER]
-    texts += [instr + " " + tmpl for instr, tmpl in prompts.TEMPLATES.values()]
-    for t in titles:
-        texts += [t, " " + t]
-    for r in teacher_records:
-        texts += [r["description"], " ".join(r["keywords"]), " " + " ".join(r["keywords"])]
-    return texts
+    sids = list(sids) or ["<a_0><b_0><c_0>"]
+    descriptions = [r["description"] for r in teacher_records]
+    keywords = [" ".join(r["keywords"]) for r in teacher_records]
+    fills: list[tuple[str, dict, str]] = []
+    for i, title in enumerate(titles):
+        sid = sids[i % len(sids)]
+        fills += [("title_to_sid", {"title": title}, sid), ("sid_to_title", {"sid": sid}, title),
+                  ("history_to_title", {"history": prompts.join_history(sids[:3])}, title),
+                  ("title_history_to_sid", {"titles": prompts.quote_titles(titles[i:i + 3])}, sid)]
+    for description in descriptions or [""]:
+        fills += [("token_to_description", {"token": TOKEN_RE.search(sids[0]).group(0)}, description),
+                  ("description_to_token", {"description": description}, TOKEN_RE.search(sids[0]).group(0)),
+                  ("description_to_sid", {"description": description}, sids[0])]
+    fills.append(("next_sid", {"history": prompts.join_history(sids[:3])}, sids[0]))
+    texts: list[str] = []
+    for task, fields, target in fills:
+        for mode in ("canonical", "upstream"):
+            for stage in ("sft", "rl", "eval"):
+                sample = prompts.build(task, target, mode=mode, stage=stage, **fields)
+                texts += [sample.instruction, sample.user_input, sample.completion]
+    texts += keywords + [" " + k for k in keywords]
+    pieces: set[str] = set()
+    for text in texts:
+        pieces.update(p for p in _between_sid_tokens(text) if p)
+    return sorted(pieces)
+
+
+def _between_sid_tokens(text: str) -> list[str]:
+    """``text`` cut at SID tokens, as the tokenizer cuts it around added tokens."""
+    from tsrec.sid.index import TOKEN_RE
+
+    return TOKEN_RE.sub("\0", text).split("\0")
 
 
 def build_pruned_backbone(texts: Iterable[str], hidden_size: int = 64, layers: int = 2, seed: int = 0):

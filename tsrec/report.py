@@ -594,6 +594,6 @@ def console_summary(run_dir: str | Path) -> str:
         b = sw["best_setting"]
         if b:
             lines.append(f"{sw['dir'].name}: best setting {b.get('setting')}, {sw['metric']} "
-                         f"{_mean_interval(b, sw['metric'])} over {b.get('n')} trial(s)")
+                         f"{_mean_interval(b, sw['metric'])} (mean ± 95% interval) over {b.get('n')} seed(s)")
     lines.append(f"report: {root / 'report.md'} (and report.html)")
     return "\n".join(lines)

@@ -302,22 +302,20 @@ def _progress_callback(log, n_trials: int, metric: str):
     from ray.tune import Callback
 
     class Progress(Callback):
-        def __init__(self):
-            self.done = 0
-
-        def _line(self, trial, what: str) -> None:
-            self.done += 1
+        def _line(self, trials, trial, what: str) -> None:
+            # counted from Tune's trial states, so a resumed sweep counts the trials it restored as finished
+            done = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")} | {trial.trial_id}
             values = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in (trial.config.get("params") or {}).items())
-            log(f"[tsrec tune] trial {self.done}/{n_trials} {trial.trial_id} ({values}): {what}")
+            log(f"[tsrec tune] trial {len(done)}/{n_trials} {trial.trial_id} ({values}): {what}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result or {}
             value = r.get(metric)
             shown = f"{metric} {value:.4f}" if isinstance(value, (int, float)) else f"no {metric}"
-            self._line(trial, f"{shown} after {r.get('steps', '?')} steps, {r.get('time_total_s', 0):.0f} s")
+            self._line(trials, trial, f"{shown} after {r.get('steps', '?')} steps, {r.get('time_total_s', 0):.0f} s")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._line(trial, f"ERROR {str(trial.error_file or '')} (the trial's lines: Ray's session logs)")
+            self._line(trials, trial, f"ERROR {trial.error_file or ''} (the trial's own lines: Ray's session logs)")
 
     return Progress()
 

@@ -29,7 +29,7 @@ from typing import Any
 # group is tune.resources).
 NON_IDENTITY_KEYS = ("run.out_dir", "run.name", "run.storage_endpoint", "tune.dir", "tune.storage_path",
                      "tune.export_best", "tune.eval_test", "tune.max_concurrent_trials", "tune.resources.driver_cpus",
-                     "sft.log_every_steps", "sft.max_failures", "rl", "resources")
+                     "sft.log_every_steps", "sft.max_failures", "rl", "resources", "eval.published")
 # Shared upstream folders under run.out_dir (the pipeline's data, sid and semantics stages).
 UPSTREAM_DIRS = ("data", "sids", "semantics")
 TEACHER_FILE = Path("semantics") / "description_keywords.json"
