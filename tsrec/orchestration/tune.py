@@ -91,10 +91,11 @@ def run_tune(cfg: Config, log: Callable[[str], None] = print, verbose: bool = Fa
     base["tune"]["storage_path"] = storage  # resolved here: the trials read it (not part of the identity)
     inputs = upstream_fingerprints(root)  # after the upstream stages: what the trials will read
     identity = sweep_identity(base, inputs)
-    # The experiment: <storage>/ray/sweep-<identity>, <storage> = tune.storage_path or <tune>/.
-    exp_name = f"{EXPERIMENT_PREFIX}{identity}"
+    # The experiment: <storage>/ray/sweep-<identity>, <storage> = tune.storage_path or <tune>/; its name is the one
+    # _claim gives (the identity check: a changed sweep never restores another sweep's experiment).
+    exp_name = _claim(tune_dir, identity, identity_payload(base, inputs), log,
+                      experiment=f"{_storage_root(base)}/ray/{EXPERIMENT_PREFIX}{identity}").name
     exp_uri = f"{_storage_root(base)}/ray/{exp_name}"
-    _claim(tune_dir, identity, identity_payload(base, inputs), log, experiment=exp_uri)
     for values in init_variants(params):
         icfg = apply_params(base, values)
         _init(icfg, root, tune_dir / "inits" / init_key(icfg, inputs), log)
