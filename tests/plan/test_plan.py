@@ -107,6 +107,7 @@ def test_cpu_measurements_recorded(tiny_config, stage):
     _check_tiny(tiny_config, stage, RECORDED[stage])
 
 
+@pytest.mark.slow  # ~50 s; test_cpu_measurements_recorded checks the planner against the recorded measurement
 def test_cpu_measurement_live(tmp_path):
     """Re-measures ZeRO 0/2/3 with 2 torchrun workers (real DeepSpeed on CPU, ~50 s) and checks the planner."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",

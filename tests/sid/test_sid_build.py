@@ -42,6 +42,7 @@ def industrial_embeddings(industrial_data) -> np.ndarray:
     return embed_items(cfg, read_items(industrial_data).sort_by("item_id"))
 
 
+@pytest.mark.slow  # ~75 s embedding 3,686 items on 2 cores; the default suite reads the released index instead
 def test_industrial_every_item_gets_a_unique_deterministic_sid(industrial_data, industrial_embeddings, tmp_path):
     cfg = load_config(None, [f"embed.max_length={TEST_MAX_LENGTH}", "sid.seed=2024"])
     stats = build_sids(cfg, industrial_data, tmp_path / "a", embeddings=industrial_embeddings)
@@ -78,6 +79,7 @@ def test_industrial_every_item_gets_a_unique_deterministic_sid(industrial_data, 
     assert manifest["seed"] == 2024 and "encoder" in manifest["inputs"]
 
 
+@pytest.mark.slow  # shares the 75 s Industrial embedding fixture
 def test_industrial_extra_level_mode(industrial_data, industrial_embeddings, tmp_path):
     cfg = load_config(None, ["sid.collision=extra_level"])
     stats = build_sids(cfg, industrial_data, tmp_path / "x", embeddings=industrial_embeddings)
