@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from s3_server import S3_TEST_ENV, moto_s3
-from test_sweep import SWEEP, TINY
+from test_sweep import SWEEP, TINY, _starts
 
 from tsrec.config import ConfigError, load_config
 from tsrec.tune.results import read_results_csv
@@ -76,15 +76,6 @@ def _bucket_status(s3) -> dict[str, str]:
             for trial_json, _ in data["trial_data"]:
                 t = json.loads(trial_json)
                 out[t["trial_id"]] = t["status"]
-    return out
-
-
-def _starts(tune_dir: Path) -> dict[str, int]:
-    """Trial id -> how many times its trainable started (one local marker per start)."""
-    out: dict[str, int] = {}
-    folder = tune_dir / "trial_starts"
-    for f in folder.iterdir() if folder.exists() else []:
-        out[f.name.split(".")[0]] = out.get(f.name.split(".")[0], 0) + 1
     return out
 
 
