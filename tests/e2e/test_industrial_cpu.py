@@ -16,7 +16,7 @@ from tsrec.config import load_config
 REPO = Path(__file__).resolve().parents[2]
 SHORT = ["sft.max_steps=4", "sft.eval_every_steps=2", "sft.save_every_steps=4", "sft.log_every_steps=2",
          "sft.warmup_steps=0", "sft.max_eval_samples=16", "eval.max_rows=48", "eval.beams=5", "eval.ks=[3,5]",
-         "eval.sasrec_epochs=1"]
+         "eval.sasrec_epochs=1", "sft.valid_ranking_sample=16", "sft.valid_ranking_beams=10"]
 
 
 @pytest.mark.ray

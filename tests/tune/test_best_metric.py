@@ -62,3 +62,25 @@ def test_unknown_best_metric_is_a_named_error(tiny, tmp_path):
     cfg = load_config(None, [*BASE, "sft.best_metric=ndcg@10"])  # the probe is off (valid_ranking_sample 0)
     with pytest.raises(ConfigError, match=r"sft.best_metric='ndcg@10': expected 'loss' or one of"):
         train_sft(cfg, tiny["model"], tiny["data"], tiny["sids"], tiny["semantics"], LocalContext(tmp_path))
+
+
+@pytest.mark.parametrize("overrides", [["sft.best_metric=ndcg@10"],  # the probe is off
+                                       ["sft.valid_ranking_sample=16", "sft.best_metric=ndcg@10"]])  # beams 5
+def test_best_metric_refused_before_ray_starts(tiny, tmp_path, overrides, monkeypatch):
+    # `tsrec run` and `tsrec sft` check sft.best_metric against the probe's cut-offs before Ray Train starts:
+    # a Ray start here fails the test instead of reaching the workers' own check.
+    import tsrec.orchestration.cluster as cluster
+    import tsrec.orchestration.train as train
+    from tsrec.orchestration.pipeline import run_pipeline
+    from tsrec.orchestration.train import run_sft
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started before the config was checked")
+
+    monkeypatch.setattr(cluster, "ensure_ray", no_ray)
+    monkeypatch.setattr(train, "ensure_ray", no_ray)
+    cfg = load_config(None, [*BASE, *overrides, f"run.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"sft.best_metric='ndcg@10': expected one of \['loss'"):
+        run_pipeline(cfg)
+    with pytest.raises(ConfigError, match=r"sft.valid_ranking_beams=5"):
+        run_sft(cfg, tiny["model"], tiny["data"], tiny["sids"], tiny["semantics"], tmp_path / "sft")

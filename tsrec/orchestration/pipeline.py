@@ -111,6 +111,10 @@ def validate_stages(cfg: Config) -> None:
     order = [s for s in STAGES if s in cfg.pipeline.stages]
     if order != list(cfg.pipeline.stages):
         raise ConfigError(f"pipeline.stages: must follow the pipeline order {list(STAGES)}")
+    if "sft" in order:
+        from tsrec.train.ranking import check_best_metric
+
+        check_best_metric(cfg.sft)
 
 
 MARKER = "pipeline_stage.json"

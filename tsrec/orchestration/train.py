@@ -113,6 +113,9 @@ def run_sft(cfg: Config, model_dir: Path, data_dir: Path, sids_dir: Path, semant
          (sids_dir, "SID folder (tsrec sid build)")],
         semantics_file, cfg.sft.use_ts_align,
         "teacher file for TS-Align missing; run `tsrec semantics extract` or set sft.use_ts_align=false")
+    from tsrec.train.ranking import check_best_metric
+
+    check_best_metric(cfg.sft)
 
     # --- 2. trainer ---
     from tsrec.sft.loop import sft_identity

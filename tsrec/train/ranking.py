@@ -51,6 +51,27 @@ def valid_ranking_rows(cfg, data_dir: Path, index, tok, size: int) -> list[dict[
     return out
 
 
+def best_metric_choices(sft) -> list[str]:
+    """The metrics ``sft.best_metric`` may name: "loss", and the probe's HR/NDCG at its cut-offs within
+    ``sft.valid_ranking_beams`` when ``sft.valid_ranking_sample`` > 0 (a catalogue smaller than the beam width
+    drops more cut-offs; the worker checks that case again)."""
+    if sft.valid_ranking_sample <= 0:
+        return ["loss"]
+    return ["loss"] + [f"{m}@{k}" for k in KS if k <= sft.valid_ranking_beams for m in ("hr", "ndcg")]
+
+
+def check_best_metric(sft) -> None:
+    """ConfigError naming the choices unless ``sft.best_metric`` is one of :func:`best_metric_choices`: called
+    before Ray Train starts (``tsrec sft`` and ``tsrec run``), so a metric the probe never reports (``ndcg@10`` at
+    ``valid_ranking_beams`` 5) is refused up front, not in the workers."""
+    from tsrec.config import ConfigError
+
+    if sft.best_metric not in best_metric_choices(sft):
+        raise ConfigError(f"sft.best_metric={sft.best_metric!r}: expected one of {best_metric_choices(sft)} "
+                          f"(sft.valid_ranking_sample={sft.valid_ranking_sample}, "
+                          f"sft.valid_ranking_beams={sft.valid_ranking_beams})")
+
+
 class ValidRanking:
     """Built once per run (prompts, constraint tables); called with the engine at each evaluation.
 
