@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from tsrec.config import load_config
+from tsrec.tune.results import seed_stats
 
 # name -> overrides; "ranking" first: the paired differences are taken against it.
 REWARDS = {
@@ -29,18 +30,15 @@ REWARDS = {
     "ranking+jaccard": ["rl.reward=ranking+semantic", "rl.semantic_similarity=jaccard"],
     "ranking+embedding": ["rl.reward=ranking+semantic", "rl.semantic_similarity=embedding"],
 }
-# Two-sided 95% Student-t quantiles by degrees of freedom.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def spread(values: list[float]) -> tuple[float, float, float]:
-    """Mean, sample std and the half-width of the 95% t-interval (std and half-width nan for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan, math.nan
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, std, T95.get(n - 1, 1.96) * std / math.sqrt(n)
+    """Mean, sample std and the half-width of the 95% t-interval (tsrec.tune.results.seed_stats, the sweeps' own
+    statistics; std and half-width nan for one value)."""
+    st = seed_stats(values)
+    if st["std"] is None:
+        return st["mean"], math.nan, math.nan
+    return st["mean"], st["std"], st["mean"] - st["ci95_low"]
 
 
 def run(cmd: list[str], log: Path) -> None:
