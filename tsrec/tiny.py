@@ -15,9 +15,11 @@ from tsrec import prompts
 EOS = "<|endoftext|>"
 
 
-def build_tiny_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512):
+def build_tiny_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512, template_weight: int | None = None):
     """A byte-level BPE ``PreTrainedTokenizerFast`` with EOS = PAD = ``<|endoftext|>``, no BOS.
 
+    The prompt templates count ``template_weight`` times in the BPE corpus (None: as often as ``texts`` has
+    entries; 1 is the unweighted corpus of before, kept for benchmarks/tiny_tokenizer.py).
     ``padding_side="left"`` is passed to the constructor because setting it later is not saved.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -29,7 +31,7 @@ def build_tiny_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512):
     # Every training prompt carries the preamble and a template, so their words must be as frequent to the BPE
     # trainer as the catalogue's texts together; counted once beside 3,686 Industrial titles, the preamble
     # tokenized to 65 pieces ("d es c ri b es") and a next-SID row to 154 tokens on average, against 104 when weighted.
-    corpus = fixed * max(1, len(texts)) + texts
+    corpus = fixed * (max(1, len(texts)) if template_weight is None else template_weight) + texts
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
