@@ -5,8 +5,8 @@
 Needs a run folder with data/, sids/ and semantics/ of a config with ``model.tiny_tokenizer_titles`` (the
 Industrial CPU run: ``tsrec run --config configs/industrial_cpu.yaml``). Both tokenizers are trained by
 ``tsrec.tiny.build_tiny_tokenizer`` on the run's catalogue titles at the run's ``model.tiny_vocab_size``, with
-``template_weight=1`` (the corpus of before: each template once beside the titles) and the default (the
-templates as often as there are titles). Both get the SID tokens and a random tiny Qwen2 of the run's width and
+``template_weight=1`` (the corpus of before: each template once beside the titles) and the number of titles (what
+``tsrec model init`` passes now). Both get the SID tokens and a random tiny Qwen2 of the run's width and
 depth (seed 42). The same SFT rows (the run's mixture, ``--batches`` micro-batches of the run's
 ``sft.micro_batch_size``, drawn with seed 0) are timed forward + backward + AdamW in this process on 1 torch
 thread (what one Ray Train worker has on the 2-core box), the two tokenizers alternating batch by batch.
@@ -38,7 +38,7 @@ from tsrec.sft.tasks import TASK_OF_TEMPLATE, build_mixture, tokenize_samples  #
 from tsrec.sid.index import read_index  # noqa: E402
 from tsrec.tiny import add_sid_tokens, build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
-WEIGHTS = {"templates once (before)": 1, "templates weighted (now)": None}
+WEIGHTS = {"templates once (before)": 1, "templates weighted (now)": 0}  # 0: as many as titles
 
 
 def main() -> int:
@@ -60,7 +60,7 @@ def main() -> int:
 
     setups = {}
     for name, weight in WEIGHTS.items():
-        tok = build_tiny_tokenizer(titles, vocab_size=m.tiny_vocab_size, template_weight=weight)
+        tok = build_tiny_tokenizer(titles, vocab_size=m.tiny_vocab_size, template_weight=weight or len(titles))
         model = build_tiny_model(len(tok), hidden_size=m.tiny_hidden_size, layers=m.tiny_layers, seed=42)
         add_sid_tokens(tok, model, sid_tokens)
         lm = SftLM(model).train()

@@ -187,17 +187,30 @@ def test_tiny_tokenizer_trained_on_catalogue_titles(tmp_path):
         init_model(cfg, sids, None, tmp_path / "missing")
 
 
-def test_tiny_tokenizer_keeps_prompt_words_whole_beside_many_titles():
-    # Every SFT row carries the preamble: weighted like the catalogue, its words are whole pieces. Counted once
-    # beside thousands of titles, BPE spent its merges on title words and split the preamble ("d es c ri b es"):
-    # 154 tokens per Industrial next-SID row instead of 104.
+def test_tiny_tokenizer_keeps_prompt_words_whole_beside_many_titles(tmp_path):
+    # Every SFT row carries the preamble: `tsrec model init` weights it like the catalogue, so its words are whole
+    # pieces. Counted once beside thousands of titles, BPE spent its merges on title words and split the preamble
+    # ("d es c ri b es"): 154 tokens per Industrial next-SID row instead of 104.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from tsrec import prompts
-    from tsrec.tiny import build_tiny_tokenizer
+    from tsrec.artifacts import write_manifest
 
     rng = np.random.default_rng(0)
     words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 6)) for _ in range(400)]
     titles = [" ".join(rng.choice(words, 6)) for _ in range(2000)]
-    tok = build_tiny_tokenizer(titles, vocab_size=800)
+    items = tmp_path / "data" / "items.parquet"
+    items.parent.mkdir()
+    pq.write_table(pa.table({"item_id": list(range(len(titles))), "title": titles}), items)
+    sids = tmp_path / "sids"
+    sids.mkdir()
+    (sids / "index.json").write_text(json.dumps({str(i): [f"<a_{i % 40}>", f"<b_{i // 40}>"] for i in range(2000)}))
+    write_manifest(sids, "sid", {}, inputs={"items": items})
+    cfg = load_config(overrides=["model.tiny=true", "sa_init.depth=0", "model.tiny_tokenizer_titles=true",
+                                 "model.tiny_vocab_size=800"])
+    init_model(cfg, sids, None, tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
     n_words = len(prompts.PREAMBLE.split())
     n_pieces = len(tok(prompts.PREAMBLE)["input_ids"])
     # Measured 33 pieces for 26 words ("." "," "###" ":" and newlines are pieces of their own); 116 unweighted.

@@ -15,11 +15,12 @@ from tsrec import prompts
 EOS = "<|endoftext|>"
 
 
-def build_tiny_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512, template_weight: int | None = None):
+def build_tiny_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512, template_weight: int = 1):
     """A byte-level BPE ``PreTrainedTokenizerFast`` with EOS = PAD = ``<|endoftext|>``, no BOS.
 
-    The prompt templates count ``template_weight`` times in the BPE corpus (None: as often as ``texts`` has
-    entries; 1 is the unweighted corpus of before, kept for benchmarks/tiny_tokenizer.py).
+    The prompt templates count ``template_weight`` times in the BPE corpus: ``tsrec model init`` passes the number
+    of catalogue titles (``model.tiny_tokenizer_titles``); 1 (each template once) keeps the test fixtures' and
+    benchmarks' tokenizers as they were measured.
     ``padding_side="left"`` is passed to the constructor because setting it later is not saved.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -28,10 +29,7 @@ def build_tiny_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512, templ
     texts = list(texts)
     fixed = [prompts.PREAMBLE, prompts.INPUT_HEADER, prompts.RESPONSE_HEADER]
     fixed += [instr + " " + tmpl for instr, tmpl in prompts.TEMPLATES.values()]
-    # Every training prompt carries the preamble and a template, so their words must be as frequent to the BPE
-    # trainer as the catalogue's texts together; counted once beside 3,686 Industrial titles, the preamble
-    # tokenized to 65 pieces ("d es c ri b es") and a next-SID row to 154 tokens on average, against 104 when weighted.
-    corpus = fixed * (max(1, len(texts)) if template_weight is None else template_weight) + texts
+    corpus = fixed * max(1, template_weight) + texts
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
