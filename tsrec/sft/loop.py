@@ -43,7 +43,7 @@ from tsrec.train.engine import (EngineSpec, build_engine, deepspeed_config, load
                                 seed_everything, sid_token_ids)
 from tsrec.train.faults import maybe_fail
 from tsrec.train.metrics import save_logs
-from tsrec.train.ranking import ValidRanking, valid_ranking_rows
+from tsrec.train.ranking import ValidRanking, ranking_metric_names, valid_ranking_rows
 from tsrec.train.sampling import planned_counts, rank_share
 from tsrec.train.schedule import lr_lambda
 
@@ -271,7 +271,7 @@ def _check_best_metric(sft: SftConfig, ranking) -> None:
     """ConfigError unless ``sft.best_metric`` is "loss" or a metric the valid ranking probe reports."""
     if sft.best_metric == "loss":
         return
-    known = [f"{m}@{k}" for k in ranking.ks for m in ("hr", "ndcg")] if ranking is not None else []
+    known = ranking_metric_names(ranking.ks) if ranking is not None else []
     if sft.best_metric not in known:
         raise ConfigError(f"sft.best_metric={sft.best_metric!r}: expected 'loss' or one of the valid ranking metrics "
                           f"{known or '(none: sft.valid_ranking_sample is 0)'}")

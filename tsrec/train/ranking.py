@@ -51,13 +51,19 @@ def valid_ranking_rows(cfg, data_dir: Path, index, tok, size: int) -> list[dict[
     return out
 
 
+def ranking_metric_names(ks) -> list[str]:
+    """``hr@K`` and ``ndcg@K`` for each cut-off, in the probe's order: the names ``sft.best_metric`` and the sweeps'
+    ``tune.metric`` (prefixed ``valid_``) refer to."""
+    return [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")]
+
+
 def best_metric_choices(sft) -> list[str]:
     """The metrics ``sft.best_metric`` may name: "loss", and the probe's HR/NDCG at its cut-offs within
     ``sft.valid_ranking_beams`` when ``sft.valid_ranking_sample`` > 0 (a catalogue smaller than the beam width
     drops more cut-offs; the worker checks that case again)."""
     if sft.valid_ranking_sample <= 0:
         return ["loss"]
-    return ["loss"] + [f"{m}@{k}" for k in KS if k <= sft.valid_ranking_beams for m in ("hr", "ndcg")]
+    return ["loss"] + ranking_metric_names(k for k in KS if k <= sft.valid_ranking_beams)
 
 
 def check_best_metric(sft) -> None:

@@ -195,10 +195,10 @@ def sft_best_metric(cfg: Config) -> str:
     ``"ndcg@K"``, K one of the probe's cut-offs within ``sft.valid_ranking_beams``. Anything else would let
     the sweep rank trials by one number while each trial keeps its model by another: SweepSpaceError.
     """
-    from tsrec.train.ranking import KS
+    from tsrec.train.ranking import KS, ranking_metric_names
 
     t = cfg.tune
-    ranking = [f"valid_{m}@{k}" for k in KS if k <= cfg.sft.valid_ranking_beams for m in ("hr", "ndcg")]
+    ranking = ["valid_" + m for m in ranking_metric_names(k for k in KS if k <= cfg.sft.valid_ranking_beams)]
     if t.metric == "valid_loss":
         if t.mode != "min":
             raise SweepSpaceError("tune.metric=valid_loss is lower-is-better: set tune.mode=min")
